@@ -1,0 +1,90 @@
+"""The bounded frame queue between receive and inference, with a drop policy and counters."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FrameQueue", "POLICIES"]
+
+#: order matches the BacklogPolicy enum in db/
+POLICIES = ("DropNewest", "DropOldest")
+
+
+@dataclass
+class QueuedFrame:
+    """A received frame waiting for inference."""
+
+    frame: Any
+    received: float = field(default_factory=time.monotonic)
+
+
+class FrameQueue:
+    """Bounded FIFO. ``put`` never blocks: when full, the policy drops a frame and counts it."""
+
+    def __init__(self, limit: int = 20000, policy: str = "DropNewest") -> None:
+        self._items: deque[QueuedFrame] = deque()
+        self._cond = threading.Condition()
+        self.limit = limit
+        self.policy = policy
+        self.dropped = 0
+        self.inflight = 0
+
+    def set_limit(self, limit: int) -> int:
+        """Change the capacity; frames already queued above it are kept (they drain)."""
+        if limit < 1:
+            raise ValueError("backlog limit must be at least 1")
+        with self._cond:
+            self.limit = int(limit)
+        return self.limit
+
+    def set_policy(self, policy: str) -> str:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.policy = policy
+        return policy
+
+    def put(self, frame: Any, received: float | None = None) -> bool:
+        """Queue a frame. Returns False when the policy dropped the new frame."""
+        item = QueuedFrame(frame, received if received is not None else time.monotonic())
+        with self._cond:
+            if len(self._items) >= self.limit:
+                self.dropped += 1
+                if self.policy == "DropNewest":
+                    return False
+                self._items.popleft()
+            self._items.append(item)
+            self._cond.notify()
+        return True
+
+    def get_batch(self, max_n: int, timeout: float = 0.1) -> list[QueuedFrame]:
+        """Take up to ``max_n`` frames (waits up to ``timeout`` for the first). Marks them in flight."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            n = min(max_n, len(self._items))
+            batch = [self._items.popleft() for _ in range(n)]
+            self.inflight += n
+        return batch
+
+    def done(self, n: int) -> None:
+        """Inference finished with ``n`` in-flight frames (processed or rejected)."""
+        with self._cond:
+            self.inflight -= n
+
+    def clear(self) -> int:
+        with self._cond:
+            n = len(self._items)
+            self._items.clear()
+        return n
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting or being inferred."""
+        return len(self._items) + self.inflight

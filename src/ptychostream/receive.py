@@ -1,0 +1,116 @@
+"""Receive: NTNDArray frames from a detector channel (p4p monitor) or from puts to ``Input``.
+
+Receiving never waits on inference: the monitor callback decodes the frame and hands it
+to the intake at once. uniqueId gaps upstream are counted as missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from p4p.client.thread import Context, Disconnected, Finished, RemoteError
+
+from . import ntnd
+from .device import ImageFrame
+
+__all__ = ["Receiver", "GapCounter"]
+
+_log = logging.getLogger(__name__)
+
+#: server and client monitor queue: bursts must not be squashed (see docs/architecture.md)
+MONITOR_REQUEST = "record[queueSize=1024]field()"
+
+
+class GapCounter:
+    """Counts uniqueId gaps in one stream; a uniqueId that goes back means the source restarted."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.restarts = 0
+
+    def update(self, uid: int) -> int:
+        """Return how many frames were missed before ``uid``."""
+        last, self.last = self.last, uid
+        if last is None or uid <= 0:
+            return 0
+        if uid <= last:
+            self.restarts += 1
+            return 0
+        return uid - last - 1
+
+    def reset(self) -> None:
+        self.last = None
+
+
+class Receiver:
+    """Monitors one PVA channel at a time; the channel can change at run time."""
+
+    def __init__(
+        self,
+        on_frame: Callable[[ImageFrame], None],
+        on_bad: Callable[[str], None],
+        on_connect: Callable[[bool, str], None],
+    ) -> None:
+        self._on_frame = on_frame
+        self._on_bad = on_bad
+        self._on_connect = on_connect
+        self._ctx: Context | None = None
+        self._sub = None
+        self._lock = threading.Lock()
+        self.channel = ""
+
+    def _context(self) -> Context:
+        if self._ctx is None:
+            self._ctx = Context("pva", nt=False)
+        return self._ctx
+
+    def monitor(self, channel: str) -> None:
+        """Switch to ``channel`` ("" stops monitoring)."""
+        with self._lock:
+            if self._sub is not None:
+                self._sub.close()
+                self._sub = None
+            self.channel = channel
+            self._on_connect(False, f"monitoring {channel}" if channel else "no input channel")
+            if channel:
+                self._sub = self._context().monitor(
+                    channel, self._callback, request=MONITOR_REQUEST, notify_disconnect=True
+                )
+
+    def _callback(self, value) -> None:
+        if isinstance(value, Disconnected):
+            self._on_connect(False, f"{self.channel} disconnected")
+            return
+        if isinstance(value, Finished):
+            self._on_connect(False, f"{self.channel} finished")
+            return
+        if isinstance(value, RemoteError):
+            self._on_connect(False, f"{self.channel}: {value}")
+            return
+        if isinstance(value, Exception):
+            self._on_connect(False, f"{self.channel}: {value!r}")
+            return
+        if value.getID() != "epics:nt/NTNDArray:1.0" and "dimension" not in value:
+            self._on_bad(f"{self.channel} is not an NTNDArray ({value.getID()})")
+            return
+        self._on_connect(True, "")
+        if value["uniqueId"] == 0 and not any(d["size"] for d in value["dimension"]):
+            return  # an IOC's initial empty image: connected, no frame yet
+        try:
+            frame = ntnd.decode(value, received=time.time())
+        except ntnd.FrameError as exc:
+            self._on_bad(str(exc))
+            return
+        self._on_frame(frame)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sub is not None:
+                self._sub.close()
+                self._sub = None
+            if self._ctx is not None:
+                self._ctx.close()
+                self._ctx = None

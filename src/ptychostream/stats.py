@@ -1,0 +1,87 @@
+"""Frame accounting: counters, rates over the last second, latency percentiles over a window."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+__all__ = ["Counters", "RateMeter", "LatencyWindow"]
+
+
+class Counters:
+    """Thread-safe monotonic frame counters."""
+
+    NAMES = ("received", "processed", "rejected", "missed")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.NAMES, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._values = dict.fromkeys(self.NAMES, 0)
+
+
+class RateMeter:
+    """Events per second over a sliding window (areaDetector's ArrayRate: the last second)."""
+
+    def __init__(self, window: float = 1.0) -> None:
+        self.window = window
+        self._marks: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, n: int = 1, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._marks.append((now, n))
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._marks and self._marks[0][0] < now - self.window:
+                self._marks.popleft()
+            total = sum(n for _, n in self._marks)
+        return total / self.window
+
+    def reset(self) -> None:
+        with self._lock:
+            self._marks.clear()
+
+
+class LatencyWindow:
+    """p50/p99 of the last ``size`` latencies (seconds in, milliseconds out)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._buf = np.zeros(size)
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def add_many(self, seconds: np.ndarray) -> None:
+        seconds = np.asarray(seconds, dtype=float).ravel()[-len(self._buf):]
+        with self._lock:
+            idx = (self._n + np.arange(len(seconds))) % len(self._buf)
+            self._buf[idx] = seconds
+            self._n += len(seconds)
+
+    def percentiles_ms(self) -> tuple[float, float]:
+        with self._lock:
+            data = self._buf[: min(self._n, len(self._buf))].copy()
+        if data.size == 0:
+            return 0.0, 0.0
+        p50, p99 = np.percentile(data, [50, 99])
+        return float(p50 * 1e3), float(p99 * 1e3)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._n = 0
