@@ -25,7 +25,8 @@ PREFIX = "TST:NN:"
 DB = load_db("reconstructor.db")
 CONTROL = [s for s in DB if s.writable and s.kind != "image"]
 # puts whose side effects (model loading, monitoring) are tested elsewhere, but whose values still round-trip
-NO_RBV_ECHO = {"ModelPath", "Backend", "ResetCounters", "Enable", "PreDarkPath"}
+NO_RBV_ECHO = {"ModelPath", "Backend", "ResetCounters", "Enable", "PreDarkPath", "MosaicReset", "TrajectoryFile",
+               "MosaicXMin", "MosaicXMax", "MosaicYMin", "MosaicYMax"}
 
 
 def sample_value(spec):
@@ -105,8 +106,9 @@ def test_db_has_the_required_pvs():
     assert DB["Phase"].protocols == {"pva"} and DB["Input"].writable and not DB["Phase"].writable
     for spec in DB:
         assert spec.desc, f"{spec.suffix} has no DESC"
-        if spec.writable and spec.kind != "image" and spec.suffix != "ResetCounters":
+        if spec.writable and spec.kind != "image" and spec.readback is not None:
             assert spec.readback in DB, f"setpoint {spec.suffix} has no {spec.readback}"
+    assert DB["ResetCounters"].readback is None and DB["MosaicXMin"].readback == "MosaicExtent_RBV"
 
 
 def test_coerce_refuses_bad_values():

@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
-from .preprocess import Preprocess
+from .preprocess import Preprocess, finite_mask
 from .publish import BatchResult, Publisher
 from .queue import FrameQueue, QueuedFrame
 from .stats import Counters, LatencyWindow, RateMeter
@@ -48,21 +47,30 @@ class Batcher(threading.Thread):
         self.model = None
         self.preprocess: Preprocess | None = None
         self._next: tuple[object, Preprocess] | None = None
+        self._taken: list[threading.Event] = []
         self._retired: list[object] = []
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._shape_ok: dict[tuple[int, ...], bool] = {}
 
     # -- control (any thread) ---------------------------------------------------
-    def swap(self, model, preprocess: Preprocess) -> None:
-        """Serve ``model`` from the next batch on; the old model is closed after that batch."""
+    def swap(self, model, preprocess: Preprocess) -> threading.Event:
+        """Serve ``model`` from the next batch on; the old model is closed after that batch.
+
+        The returned event is set once the loop has switched (so "Ready" means serving).
+        """
+        taken = threading.Event()
         with self._lock:
             self._next = (model, preprocess)
+            self._taken.append(taken)
+        return taken
 
     def set_preprocess(self, preprocess: Preprocess) -> None:
         with self._lock:
             model = self._next[0] if self._next else self.model
             self._next = (model, preprocess)
+        if not self.is_alive():  # not started yet: nothing to wait for
+            self._take_swap()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -71,11 +79,14 @@ class Batcher(threading.Thread):
     def _take_swap(self) -> None:
         with self._lock:
             pending, self._next = self._next, None
+            taken, self._taken = self._taken, []
         if pending is None:
             return
         old = self.model
         self.model, self.preprocess = pending
         self._shape_ok.clear()
+        for event in taken:
+            event.set()
         if old is not None and old is not self.model:
             try:
                 old.close()
@@ -90,6 +101,11 @@ class Batcher(threading.Thread):
                 continue
             batch = self.queue.get_batch(self.batch_size, timeout=0.05)
             if not batch:
+                continue
+            # a swap or setting made before these frames were queued applies to them
+            self._take_swap()
+            if self.model is None:  # unloaded meanwhile: the frames wait for the next model
+                self.queue.requeue(batch)
                 continue
             try:
                 self.process(batch)
@@ -126,7 +142,7 @@ class Batcher(threading.Thread):
             return
         raw = np.stack([q.frame.array for q in good])
         if raw.dtype.kind == "f":
-            finite = pre.finite_mask(raw)
+            finite = finite_mask(raw)
             if not finite.all():
                 nbad = int((~finite).sum())
                 self.counters.add("rejected", nbad)
@@ -136,7 +152,7 @@ class Batcher(threading.Thread):
                 if not good:
                     return
         x = pre.apply(raw)
-        outputs = model.backend.infer(x)
+        outputs = model.infer(x)
         now = time.monotonic()
         latency = np.array([now - q.received for q in good])
         self.publisher.publish(BatchResult(

@@ -60,7 +60,9 @@ class PVSpec:
 
     @property
     def readback(self) -> str | None:
-        """Name of this setpoint's ``_RBV`` partner, if it is a setpoint."""
+        """Name of this setpoint's readback (``Name_RBV`` unless info(ptychostream:readback) says)."""
+        if "ptychostream:readback" in self.info:
+            return self.info["ptychostream:readback"] or None
         return None if self.suffix.endswith("_RBV") else f"{self.suffix}_RBV"
 
     @property

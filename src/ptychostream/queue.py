@@ -70,6 +70,12 @@ class FrameQueue:
             self.inflight += n
         return batch
 
+    def requeue(self, batch: list[QueuedFrame]) -> None:
+        """Put an untouched batch back at the head, in order (it is no longer in flight)."""
+        with self._cond:
+            self._items.extendleft(reversed(batch))
+            self.inflight -= len(batch)
+
     def done(self, n: int) -> None:
         """Inference finished with ``n`` in-flight frames (processed or rejected)."""
         with self._cond:

@@ -18,7 +18,8 @@ import numpy as np
 
 from .batcher import Batcher
 from .device import DeviceState, ImageFrame, PutError
-from .preprocess import Preprocess
+from .preprocess import NORMALISATIONS as NORMS
+from .preprocess import SCALES, Preprocess
 from .publish import Publisher
 from .pvdb import load_db
 from .queue import POLICIES, FrameQueue
@@ -31,9 +32,7 @@ _log = logging.getLogger(__name__)
 
 MODEL_NONE, MODEL_LOADING, MODEL_READY, MODEL_ERROR = range(4)
 ST_DISABLED, ST_IDLE, ST_RUNNING, ST_OVERLOAD, ST_ERROR = range(5)
-SCALES = ("none", "log1p", "sqrt")
 CONNECT_TIMEOUT_S = 5.0
-NORMS = ("none", "max", "sum", "mean", "fixed")
 
 
 class Reconstructor:
@@ -240,6 +239,7 @@ class Reconstructor:
             crop_center=None if cx < 0 or cy < 0 else (cy, cx),
             bin=v["PreBin"],
             dark=self._dark,
+            dark_path=self._dark_path or None,
             threshold=v["PreThreshold"],
             scale=SCALES[v["PreScale"]],
             normalise=NORMS[v["PreNormalise"]],
@@ -310,9 +310,15 @@ class Reconstructor:
                 return
         info = model.info
         pre = replace(info.preprocess)
+        if pre.dark is None and pre.dark_path:
+            try:
+                self._dark, self._dark_path = _load_dark(pre.dark_path), pre.dark_path
+            except (OSError, ValueError, KeyError) as exc:
+                self.message(f"model's dark frame {pre.dark_path} not loaded: {exc}", severity=1)
         if pre.dark is None and self._dark is not None:
-            pre = replace(pre, dark=self._dark)
-        self.batcher.swap(model, pre)
+            pre = replace(pre, dark=self._dark, dark_path=self._dark_path)
+        if not self.batcher.swap(model, pre).wait(timeout=30):
+            self.message("the inference loop did not take the new model within 30 s", severity=2)
         self._model_error = False
         self._show_preprocess(pre)
         d.set("ModelPath_RBV", path)

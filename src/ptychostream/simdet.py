@@ -72,8 +72,14 @@ class SimDetector:
         self._image_counter = 0
         self._register()
         for name in CONFIG:
-            self.device.set(f"{name}_RBV", self.device.get(name))
+            self._echo(name, self.device.get(name))
         self._update_geometry()
+
+    def _echo(self, name: str, value: Any) -> None:
+        """Setpoints the device applies as given: their readback shows the value in use."""
+        rbv = self.device.db[name].readback
+        if rbv and name not in ("cam1:Size", "cam1:TruthFile"):
+            self.device.set(rbv, value)
 
     # -- handlers -------------------------------------------------------------------
     def _register(self) -> None:
@@ -108,7 +114,7 @@ class SimDetector:
                 raise PutError(f"cannot change {name} while acquiring: stop first")
             if name in ("cam1:ObjectFile", "cam1:ProbeFile", "cam1:ReplayFile") and value:
                 self._check_file(name, value)
-            self.device.set(f"{name}_RBV", value)
+            self._echo(name, value)
             if name in ("cam1:Energy", "cam1:Distance", "cam1:DetPixel", "cam1:Size", "cam1:Bin"):
                 self._update_geometry(**{name: value})
             return value
