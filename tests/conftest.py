@@ -62,3 +62,21 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, message: 
 def text(value) -> str:
     """The string of a p4p NTScalar string (``str()`` of it adds the time stamp)."""
     return value.raw["value"]
+
+
+def put_in_background(ctx, name: str, value, timeout: float = 300.0):
+    """Start a put that completes later (a busy Acquire) without waiting for it."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ctx.put(name, value, timeout=timeout)
+        except BaseException as exc:  # reported by the caller if it cares
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.errors = errors
+    return thread

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import IOCProcess, next_slot, pva_client_conf, text, wait_for
+from conftest import IOCProcess, next_slot, pva_client_conf, put_in_background, text, wait_for
 from ptychostream.device import ImageFrame
 from ptychostream.modelzoo import build_ptychonn_onnx
 from ptychostream.ntnd import encode
@@ -98,7 +98,7 @@ def sim_acquire(ctx, n, period, **cfg):
     for k, v in dict(ImageMode="Multiple", NumImages=n, ScanPoints=min(n, 2000), AcquirePeriod=period, **cfg).items():
         ctx.put(S + "cam1:" + k, v, wait=True)
     ctx.put(S + "cam1:ArrayCounter", 0, wait=True)
-    ctx.put(S + "cam1:Acquire", 1, wait=False)
+    put_in_background(ctx, S + "cam1:Acquire", 1)
 
 
 def test_fixed_batch8_input1_model_runs_on_put_frames(iocs, ctx, raw, models):
@@ -257,10 +257,11 @@ def test_hot_swap_during_500hz_stream_loses_nothing(iocs, ctx, raw, models):
     n = 1500
     try:
         sim_acquire(ctx, n, 0.002)
-        time.sleep(1.0)
+        wait_for(lambda: counters(ctx)["Processed"] >= 200, timeout=30, message="stream flowing")
         load_model(ctx, models["fixed8"])  # swap mid-stream
         assert int(ctx.get(R + "ModelStatus_RBV")) == 2
-        time.sleep(0.5)
+        done = counters(ctx)["Processed"]
+        wait_for(lambda: counters(ctx)["Processed"] >= done + 200, timeout=30, message="fixed8 serving")
         load_model(ctx, models["two"])  # and back
         wait_for(lambda: counters(ctx)["Processed"] >= n, timeout=30, message="all processed")
         time.sleep(0.5)

@@ -333,8 +333,8 @@ class Reconstructor:
         with self._load_lock:
             if seq != self._load_seq:
                 return
+        self.message(text, severity=severity)  # first, so a client that sees the status finds why
         self.device.set("ModelStatus_RBV", status)
-        self.message(text, severity=severity)
 
 
 def _load_dark(path: str) -> np.ndarray:

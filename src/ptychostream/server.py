@@ -21,6 +21,25 @@ __all__ = ["serve", "load_config", "apply_startup_values"]
 _log = logging.getLogger(__name__)
 
 
+class _NoRepeaterFilter(logging.Filter):
+    """caproto logs a traceback for every beacon when no CA repeater listens; say it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Failed to send beacon" not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "CA beacons are not received: no CA repeater is listening (harmless)", (), None, None)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def load_config(path: str | Path | None) -> dict[str, Any]:
     """Read an IOC config (TOML): ``[ioc]`` options and ``[pvs]`` start-up setpoints."""
     if path is None:
@@ -63,6 +82,7 @@ async def serve(
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 
+    logging.getLogger("caproto.ctx").addFilter(_NoRepeaterFilter())
     pva = PVAFrontEnd(device, prefix)
     running: list[asyncio.Task] = []
     with pva.server() as server:
