@@ -157,7 +157,7 @@ class Batcher(threading.Thread):
         latency = np.array([now - q.received for q in good])
         self.publisher.publish(BatchResult(
             frames=[q.frame for q in good], outputs=outputs, latency_s=latency,
-            model_id=model.info.model_id,
+            model_id=model.info.model_id, pixel_m=model.info.pixel_m,
         ))
         self.latency.add_many(latency)
         self.rate.add(len(good), now)

@@ -25,6 +25,7 @@ class BatchResult:
     outputs: dict[str, np.ndarray]
     latency_s: np.ndarray
     model_id: str
+    pixel_m: float | None = None
 
 
 class Publisher:

@@ -11,12 +11,13 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 from p4p.client.thread import Context, Disconnected, Finished, RemoteError
 
 from . import ntnd
 from .device import ImageFrame
 
-__all__ = ["Receiver", "GapCounter"]
+__all__ = ["Receiver", "GapCounter", "PositionMonitor"]
 
 _log = logging.getLogger(__name__)
 
@@ -114,3 +115,66 @@ class Receiver:
             if self._ctx is not None:
                 self._ctx.close()
                 self._ctx = None
+
+
+class PositionMonitor:
+    """Monitors a position channel: an NTTable of (uniqueId, x, y) chunks, or a scalar motor.
+
+    Channel names may carry ``pva://`` (default) or ``ca://``; CA uses caproto's client.
+    """
+
+    def __init__(self, on_value: Callable[[object], None], on_status: Callable[[str], None]) -> None:
+        self._on_value = on_value
+        self._on_status = on_status
+        self._ctx: Context | None = None
+        self._sub = None
+        self._ca = None
+        self.channel = ""
+
+    def monitor(self, channel: str) -> None:
+        self.close()
+        self.channel = channel
+        if not channel:
+            return
+        if channel.startswith("ca://"):
+            from caproto.threading.client import Context as CAContext
+
+            self._ca = CAContext()
+            (pv,) = self._ca.get_pvs(channel[5:], timeout=2.0)
+            self._ca_sub = pv.subscribe()
+            self._ca_sub.add_callback(self._ca_callback)
+            return
+        name = channel[6:] if channel.startswith("pva://") else channel
+        self._ctx = Context("pva", nt=False)
+        self._sub = self._ctx.monitor(name, self._callback, request=MONITOR_REQUEST, notify_disconnect=True)
+
+    def _ca_callback(self, sub, response) -> None:
+        ts = response.metadata.timestamp if response.metadata is not None else time.time()
+        self._on_value((float(response.data[0]), ts))
+
+    def _callback(self, value) -> None:
+        if isinstance(value, Exception):
+            self._on_status(f"position channel {self.channel}: {value!s}" if str(value) else
+                            f"position channel {self.channel} disconnected")
+            return
+        try:
+            if "labels" in value:  # NTTable
+                cols = value["value"]
+                self._on_value((np.asarray(cols["uniqueId"]), np.asarray(cols["x"], float),
+                                np.asarray(cols["y"], float)))
+            else:  # NTScalar motor readback
+                ts = value["timeStamp"]
+                self._on_value((float(value["value"]), ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9))
+        except (KeyError, TypeError, ValueError) as exc:
+            self._on_status(f"position channel {self.channel}: unusable update ({exc})")
+
+    def close(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._ca is not None:
+            self._ca.disconnect()
+            self._ca = None

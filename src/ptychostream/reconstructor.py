@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 
 from .batcher import Batcher
+from .mosaic import SOURCES, MosaicStage, load_trajectory
 from .device import DeviceState, ImageFrame, PutError
 from .preprocess import NORMALISATIONS as NORMS
 from .preprocess import SCALES, Preprocess
 from .publish import Publisher
 from .pvdb import load_db
 from .queue import POLICIES, FrameQueue
-from .receive import GapCounter, Receiver
+from .receive import GapCounter, PositionMonitor, Receiver
 from .stats import Counters, LatencyWindow, RateMeter
 
 __all__ = ["Reconstructor"]
@@ -52,6 +53,11 @@ class Reconstructor:
                                self.out_rate, self._on_reject)
         self.batcher.batch_size = d.get("BatchSize")
         self.receiver = Receiver(self._on_monitor_frame, self._on_bad_frame, self._on_connect)
+        self.mosaic = MosaicStage(d, lambda text, sev: self.message(text, severity=sev))
+        self.publisher.listeners.append(self.mosaic.on_result)
+        self.table_monitor = PositionMonitor(self._on_table, lambda text: self.message(text, severity=1))
+        self.motor_monitors = [PositionMonitor(self._motor_cb(axis), lambda text: self.message(text, severity=1))
+                               for axis in (0, 1)]
         self._gaps = {"monitor": GapCounter(), "put": GapCounter()}
         self._enabled = False
         self._monitor_since: float | None = None
@@ -63,19 +69,28 @@ class Reconstructor:
         self._dark: np.ndarray | None = None
         self._crop_xy = (-1, -1)
         self._register()
-        for name in ("BatchSize", "BacklogLimit", "BacklogPolicy", "PublishRate"):
+        for name in ("BatchSize", "BacklogLimit", "BacklogPolicy", "PublishRate", "PositionSource", "PosAttrX",
+                     "PosAttrY", "PosScale", "PositionTimeout", "PixelSize", "MosaicRate", "MosaicOffset",
+                     "MotorTolerance"):
             d.set(f"{name}_RBV", d.get(name))
+        self.mosaic.configure(**self._mosaic_settings())
         d.set("Backend_RBV", d.get("Backend"))
         self._show_preprocess(self._preprocess_from_pvs())
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
         self.batcher.start()
+        self.mosaic.start()
 
     def stop(self) -> None:
         self.receiver.close()
+        self.table_monitor.close()
+        for m in self.motor_monitors:
+            m.close()
         self.batcher.stop()
+        self.mosaic.stop()
         self.batcher.join(timeout=5)
+        self.mosaic.join(timeout=5)
 
     async def status_task(self, period: float = 0.1) -> None:
         """Copy counters, rates and latency into their PVs (the IOC's scan task)."""
@@ -109,6 +124,7 @@ class Reconstructor:
         else:
             state = ST_IDLE
         d.set("Status_RBV", state)
+        d.set_many(self.mosaic.status())
         since = self._monitor_since
         if since is not None and time.monotonic() - since > CONNECT_TIMEOUT_S:
             self._monitor_since = None
@@ -218,9 +234,108 @@ class Reconstructor:
             if path:
                 self._load(path, value)
 
+        # -- positions and mosaic --
+        def mosaic_setting(name: str, key: str | None = None, convert=lambda v: v):
+            def handler(value: Any) -> None:
+                if key is not None:
+                    self.mosaic.configure(**{key: convert(value)})
+                rbv = d.db[name].readback
+                if rbv:
+                    d.set(rbv, value)
+            on(name)(handler)
+
+        mosaic_setting("PositionSource", "source", lambda v: SOURCES[v])
+        mosaic_setting("PosAttrX", "attr_x")
+        mosaic_setting("PosAttrY", "attr_y")
+        mosaic_setting("PosScale", "scale")
+        mosaic_setting("PositionTimeout", "timeout_s")
+        mosaic_setting("PixelSize", "pixel_m")
+        mosaic_setting("MosaicRate", "rate_hz")
+        mosaic_setting("MosaicOffset", "offset", lambda v: d.db["MosaicOffset"].enum_strs[v])
+
+        @on("MotorTolerance")
+        def _tolerance(value: float) -> None:
+            self.mosaic.motors.tolerance_s = value
+            d.set("MotorTolerance_RBV", value)
+
+        @on("PositionPV")
+        def _position_pv(value: str) -> str:
+            value = value.strip()
+            self.table_monitor.monitor(value)
+            d.set("PositionPV_RBV", value)
+            return value
+
+        def motor_pv(name: str, axis: int) -> None:
+            @on(name)
+            def handler(value: str) -> str:
+                value = value.strip()
+                try:
+                    self.motor_monitors[axis].monitor(value)
+                except Exception as exc:  # a CA name that does not resolve, say
+                    raise PutError(f"{name}: cannot monitor {value}: {exc}") from None
+                d.set(f"{name}_RBV", value)
+                return value
+
+        motor_pv("MotorXPV", 0)
+        motor_pv("MotorYPV", 1)
+
+        @on("TrajectoryFile")
+        def _trajectory(value: str) -> str:
+            value = value.strip()
+            traj = None
+            if value:
+                try:
+                    traj = load_trajectory(value, d.get("PosScale"))
+                except (OSError, ValueError, KeyError) as exc:
+                    raise PutError(f"TrajectoryFile: {exc}") from None
+            self.mosaic.configure(trajectory=traj)
+            d.set("TrajectoryFile_RBV", value)
+            if traj is not None:
+                self.message(f"trajectory of {len(traj)} points from {value}")
+            return value
+
+        def extent(name: str) -> None:
+            @on(name)
+            def handler(value: float) -> None:
+                ext = {n: d.get(n) for n in ("MosaicYMin", "MosaicYMax", "MosaicXMin", "MosaicXMax")}
+                ext[name] = value
+                vals = (ext["MosaicYMin"], ext["MosaicYMax"], ext["MosaicXMin"], ext["MosaicXMax"])
+                if any(vals) and (vals[1] <= vals[0] or vals[3] <= vals[2]):
+                    d.set(name, value)  # accepted as typed; applied once min < max on both axes
+                    self.message("mosaic extent incomplete: set min < max for x and y", 1)
+                    return
+                self.mosaic.configure(extent_m=vals if any(vals) else None)
+
+        for name in ("MosaicXMin", "MosaicXMax", "MosaicYMin", "MosaicYMax"):
+            extent(name)
+
+        @on("MosaicReset")
+        def _mosaic_reset(value: int) -> int:
+            if value:
+                self.mosaic.reset()
+                self.message("mosaic cleared")
+            return 0
+
         for name in ("PreFFTShift", "PreCropSize", "PreCropX", "PreCropY", "PreBin",
                      "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath"):
             on(name)(self._make_pre_handler(name))
+
+    def _mosaic_settings(self) -> dict[str, Any]:
+        d = self.device
+        return {"source": SOURCES[d.get("PositionSource")], "attr_x": d.get("PosAttrX"),
+                "attr_y": d.get("PosAttrY"), "scale": d.get("PosScale"), "pixel_m": d.get("PixelSize"),
+                "rate_hz": d.get("MosaicRate"), "timeout_s": d.get("PositionTimeout"),
+                "offset": d.db["MosaicOffset"].enum_strs[d.get("MosaicOffset")]}
+
+    def _on_table(self, value) -> None:
+        uids, x, y = value
+        self.mosaic.add_positions(uids, y, x)
+
+    def _motor_cb(self, axis: int):
+        def cb(value) -> None:
+            v, t = value
+            self.mosaic.add_motor(axis, t, v)
+        return cb
 
     # -- pre-processing -----------------------------------------------------------
     def _preprocess_from_pvs(self, override: dict[str, Any] | None = None) -> Preprocess:

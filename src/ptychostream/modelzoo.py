@@ -1,0 +1,240 @@
+"""Real PtychoNN-class ONNX networks built with ``onnx.helper`` and numpy (no torch).
+
+Used by tests, benchmarks and demos. The graphs are what a PyTorch export of
+PtychoNN looks like: an encoder of ``depth`` blocks [Conv3×3+ReLU, Conv3×3+ReLU,
+MaxPool 2] with base·2^k channels, then one decoder per head of ``depth`` blocks
+[Conv3×3+ReLU ×2, bilinear Resize ×2] and a Conv3×3 to one channel; the phase
+head ends in tanh·π, the amplitude head in a sigmoid. Weights are He-initialised
+from ``seed``, so the outputs are deterministic but meaningless.
+
+``build_ptychonn_onnx(path, size=128, heads=("phase",), base_channels=16, depth=4)``
+is the "PtychoNN 2.0" edge network (733,921 parameters); with
+``fixed_batch=8, input_name="input.1"`` it mimics the third-party edge export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["build_ptychonn_onnx", "param_count", "count_parameters"]
+
+#: ops whose constant inputs are shapes/scales/indices, not learned weights
+_NON_WEIGHT_OPS = frozenset({
+    "Resize", "Upsample", "Reshape", "Expand", "Slice", "Pad", "Tile", "ConstantOfShape",
+    "Squeeze", "Unsqueeze", "Range", "Shape", "Transpose", "Split", "ReduceMean", "ReduceSum",
+})
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Learned parameters: elements of floating initializers that feed weight-bearing ops.
+
+    Initializers used only as shape/scale arguments (Resize scales, Reshape shapes…)
+    are not counted. Works on models loaded without their external data.
+    """
+    graph = model.graph
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in graph.initializer:
+        if init.data_type not in _FLOAT_TYPES:
+            continue
+        ops = consumers.get(init.name, set())
+        if ops and ops <= _NON_WEIGHT_OPS:
+            continue
+        total += int(np.prod(init.dims, dtype=np.int64)) if len(init.dims) else 1
+    return total
+
+
+def param_count(path: str | Path) -> int:
+    """Number of learned parameters in the ONNX file at ``path`` (see :func:`count_parameters`)."""
+    return count_parameters(onnx.load(str(path), load_external_data=False))
+
+
+class _GraphBuilder:
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}_{self._n}"
+
+    def init(self, prefix: str, arr: np.ndarray) -> str:
+        name = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], prefix: str | None = None,
+             output: str | None = None, **attrs: Any) -> str:
+        out = output or self.name(prefix or op.lower())
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=self.name(op), **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, gain: float = 1.0) -> str:
+        std = gain * math.sqrt(2.0 / (cin * 9))
+        w = (self.rng.standard_normal((cout, cin, 3, 3)) * std).astype(np.float32)
+        b = (self.rng.standard_normal(cout) * 0.01).astype(np.float32)
+        return self.node("Conv", [x, self.init("W", w), self.init("B", b)], "conv",
+                         kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1])
+
+    def conv_relu(self, x: str, cin: int, cout: int) -> str:
+        return self.node("Relu", [self.conv(x, cin, cout)], "relu")
+
+
+def _ir_version(opset: int) -> int:
+    # the oldest IR version that carries the opset, so older runtimes/parsers load it
+    if opset <= 15:
+        return 8 if opset >= 15 else 7
+    if opset <= 17:
+        return 8
+    if opset <= 19:
+        return 9
+    return min(onnx.IR_VERSION, 10)
+
+
+def build_ptychonn_onnx(
+    path: str | Path,
+    size: int = 128,
+    heads: Sequence[str] = ("phase",),
+    base_channels: int = 16,
+    depth: int = 4,
+    fixed_batch: int | None = None,
+    input_name: str = "input",
+    input_rank: int = 4,
+    seed: int = 0,
+    metadata: dict[str, Any] | None = None,
+    opset: int = 17,
+    output_names: Sequence[str] | None = None,
+    concat_heads: bool = False,
+    output_rank: int = 4,
+    name: str = "ptychonn",
+) -> str:
+    """Write a PtychoNN-class ONNX model to ``path`` and return the path as a string.
+
+    ``heads``: any of "phase"/"amplitude" in graph-output order. ``output_names``
+    renames the graph outputs (default: the head names). ``concat_heads`` puts the
+    heads into one (n, len(heads), h, w) output named "output" instead.
+    ``output_rank`` 3 squeezes the channel axis of each (single-channel) output.
+    ``metadata`` goes to ``metadata_props``; non-string values are JSON-encoded.
+    """
+    heads = tuple(heads)
+    if not heads or len(set(heads)) != len(heads) or not set(heads) <= {"phase", "amplitude"}:
+        raise ValueError(f"heads must be distinct names from ('phase', 'amplitude'), got {heads}")
+    if input_rank not in (3, 4):
+        raise ValueError(f"input_rank must be 3 or 4, got {input_rank}")
+    if output_rank not in (3, 4):
+        raise ValueError(f"output_rank must be 3 or 4, got {output_rank}")
+    if concat_heads and output_rank != 4:
+        raise ValueError("concat_heads needs output_rank 4")
+    if depth < 1 or size % (2 ** depth):
+        raise ValueError(f"size {size} must be divisible by 2**depth = {2 ** depth}")
+    n_out = 1 if concat_heads else len(heads)
+    if output_names is None:
+        output_names = ("output",) if concat_heads else heads
+    output_names = tuple(output_names)
+    if len(output_names) != n_out:
+        raise ValueError(f"need {n_out} output name(s), got {output_names}")
+
+    g = _GraphBuilder(np.random.default_rng(seed))
+    batch: int | str = int(fixed_batch) if fixed_batch else "N"
+    in_shape = [batch, 1, size, size] if input_rank == 4 else [batch, size, size]
+    x = input_name
+    if input_rank == 3:
+        x = g.node("Unsqueeze", [x, g.init("axes", np.array([1], dtype=np.int64))], "unsq")
+
+    chans = [base_channels * 2 ** k for k in range(depth)]
+    cin = 1
+    for c in chans:
+        x = g.conv_relu(x, cin, c)
+        x = g.conv_relu(x, c, c)
+        x = g.node("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])
+        cin = c
+    encoded, enc_c = x, cin
+
+    scales = g.init("scales", np.array([1.0, 1.0, 2.0, 2.0], dtype=np.float32))
+    pi = g.node("Constant", [], "pi", value=numpy_helper.from_array(np.array(np.pi, dtype=np.float32)))
+    head_out: list[str] = []
+    for head in heads:
+        x, cin = encoded, enc_c
+        for c in reversed(chans):
+            x = g.conv_relu(x, cin, c)
+            x = g.conv_relu(x, c, c)
+            x = g.node("Resize", [x, "", scales], "up", mode="linear",
+                       coordinate_transformation_mode="half_pixel")
+            cin = c
+        x = g.conv(x, cin, 1, gain=0.3)
+        if head == "phase":
+            x = g.node("Mul", [g.node("Tanh", [x], "tanh"), pi], "phase")
+        else:
+            x = g.node("Sigmoid", [x], "amp")
+        head_out.append(x)
+
+    if concat_heads:
+        g.node("Concat", head_out, output=output_names[0], axis=1)
+        out_shapes = [[batch, len(heads), size, size]]
+    else:
+        out_shapes = []
+        for x, oname in zip(head_out, output_names):
+            if output_rank == 3:
+                g.node("Squeeze", [x, g.init("axes", np.array([1], dtype=np.int64))], output=oname)
+                out_shapes.append([batch, size, size])
+            else:
+                g.node("Identity", [x], output=oname)
+                out_shapes.append([batch, 1, size, size])
+
+    graph = helper.make_graph(
+        g.nodes, name,
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in zip(output_names, out_shapes)],
+        initializer=g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="ptychostream.modelzoo")
+    model.ir_version = _ir_version(opset)
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key = str(key)
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write a PtychoNN-class ONNX model")
+    ap.add_argument("path")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--heads", default="phase", help="comma list of phase,amplitude")
+    ap.add_argument("--base-channels", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--fixed-batch", type=int, default=None)
+    ap.add_argument("--input-name", default="input")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    p = build_ptychonn_onnx(a.path, size=a.size, heads=tuple(a.heads.split(",")),
+                            base_channels=a.base_channels, depth=a.depth,
+                            fixed_batch=a.fixed_batch, input_name=a.input_name, seed=a.seed)
+    print(f"{p}: {param_count(p):,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
