@@ -32,10 +32,11 @@ NO_RBV_ECHO = {"ModelPath", "Backend", "ResetCounters", "Enable", "PreDarkPath",
 def sample_value(spec):
     """A valid value different from the default, from the db/ limits."""
     if spec.kind == "enum":
-        return spec.enum_strs[-1] if spec.suffix not in ("ResetCounters",) else spec.enum_strs[0]
+        # actions (no readback) go back to their first state once done
+        return spec.enum_strs[-1] if spec.readback is not None else spec.enum_strs[0]
     if spec.kind == "string":
         return {"ModelPath": "/nonexistent/model.onnx", "InputPV": "TST:NOPE:Image",
-                "PreDarkPath": ""}.get(spec.suffix, "abc")
+                "PreDarkPath": "", "TrajectoryFile": ""}.get(spec.suffix, "abc")
     lo, hi = spec.drvl, spec.drvh
     v = lo + (hi - lo) / 7 if spec.kind == "float" else int(lo + max(1, (hi - lo) // 7))
     if spec.suffix == "PreCropSize":

@@ -285,8 +285,11 @@ def test_reconnects_when_the_detector_ioc_restarts(iocs, ctx, models):
     sim.stop()
     wait_for(lambda: int(ctx.get(R + "InputConnected_RBV")) == 0, timeout=15, message="disconnect seen")
     sim.start()
+    wait_for(lambda: int(ctx.get(R + "InputConnected_RBV")) == 1, timeout=30, message="reconnected")
     reset(ctx)
     sim_acquire(ctx, 50, 0.002)
-    wait_for(lambda: counters(ctx)["Processed"] == 50, timeout=30, message="frames after restart")
+    c = wait_for(lambda: (lambda c: c if c["Processed"] + c["Rejected"] + c["Dropped"] >= 50 else None)(counters(ctx)),
+                 timeout=30, message="frames after restart")
+    assert c["Processed"] == 50 and c["Received"] == 50, c
     assert int(ctx.get(R + "InputConnected_RBV")) == 1
 

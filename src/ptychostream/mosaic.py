@@ -78,6 +78,7 @@ class MosaicStage(threading.Thread):
         self._count = 0
         self._errors_seen: tuple[str, str] = ("", "")
         self._stop_event = threading.Event()
+        self._told_no_pixel = False
 
     # -- any thread ---------------------------------------------------------------
     def on_result(self, result: BatchResult) -> None:
@@ -144,6 +145,7 @@ class MosaicStage(threading.Thread):
         for key, value in changes.items():
             setattr(old, key, value)
         self.joiner.timeout_s = old.timeout_s
+        self._told_no_pixel = False
         if {"pixel_m", "extent_m", "offset"} & set(changes) and self.stitcher is not None:
             self._reset()
             self.message("mosaic geometry changed: mosaic cleared", 0)
@@ -232,7 +234,9 @@ class MosaicStage(threading.Thread):
         pixel = st.pixel_m or first.pixel_m
         if not pixel:
             self.unpositioned += len(ready)
-            self.message("no object pixel size: set PixelSize (the model carries none)", 1)
+            if not self._told_no_pixel:  # once per configuration, not once per batch
+                self._told_no_pixel = True
+                self.message("no object pixel size: set PixelSize (the model carries none)", 1)
             return
         shape = first.phase.shape
         if self.stitcher is None or self.stitcher.patch_shape != shape or self.stitcher.pixel_m != pixel:

@@ -157,8 +157,10 @@ class Reconstructor:
         self.message(f"rejected {n} frame(s): {reason}", severity=1)
 
     def _on_connect(self, connected: bool, text: str) -> None:
-        if self.device.set("InputConnected_RBV", int(connected)) and text:
-            self.message(text, severity=0 if connected else 1)
+        if connected:
+            self._monitor_since = None
+        if self.device.set("InputConnected_RBV", int(connected)):
+            self.message(text or f"{self.receiver.channel} connected", severity=0 if connected else 1)
 
     def _monitor(self, channel: str) -> None:
         self._monitor_since = time.monotonic() if channel else None
