@@ -219,3 +219,47 @@ def test_end_to_end_simdet_to_mosaic_pv(tmp_path):
         ctx.close()
         rec.stop()
         sim.stop()
+
+
+def test_motor_readbacks_matched_by_timestamp(scan):
+    """Scalar motor readbacks (x and y, separate channels) joined to frames by time stamp."""
+    sim, obj, pos, phase, amp = scan
+    s = Stage(pixel_m=sim.object_pixel_m, source="Motors", timeout_s=2.0)
+    try:
+        s.stage.motors.tolerance_s = 0.02
+        t0 = 1.0e9
+        times = t0 + 0.001 * np.arange(N)
+        # motors sampled every 5 ms (slower than the 1 kHz frames): interpolated in between
+        for k in range(0, N, 5):
+            s.stage.add_motor(0, times[k], pos[k, 1])
+            s.stage.add_motor(1, times[k], pos[k, 0])
+        frames = [ImageFrame(np.zeros((2, 2)), i + 1, times[i]) for i in range(N)]
+        s.stage.on_result(BatchResult(frames, {"phase": phase}, np.zeros(N), "test", None))
+        m = s.mosaic(N - 5)
+        st = s.stage.status()
+        assert st["Unpositioned_RBV"] <= 4  # the last frames after the final sample have no bracket
+        assert st["Stitched_RBV"] + st["Unpositioned_RBV"] + st["PositionWait_RBV"] == N
+        assert np.isfinite(m.array).all()
+    finally:
+        s.close()
+
+
+def test_trajectory_file_by_frame_number(scan, tmp_path):
+    """A CSV trajectory indexed by frame number gives the same mosaic as attributes."""
+    from ptychostream.mosaic import load_trajectory
+
+    sim, obj, pos, phase, amp = scan
+    csv = tmp_path / "traj.csv"
+    csv.write_text("x,y\n" + "\n".join(f"{float(x)!r},{float(y)!r}" for y, x in pos))
+    a = Stage(pixel_m=sim.object_pixel_m)
+    b = Stage(pixel_m=sim.object_pixel_m, source="Trajectory", trajectory=load_trajectory(str(csv), 1.0))
+    try:
+        uids = np.arange(1, N + 1)
+        a.batch(uids, phase, attrs=[{"PositionX": x, "PositionY": y} for y, x in pos])
+        b.batch(uids, phase)
+        np.testing.assert_allclose(b.mosaic(N).array, a.mosaic(N).array, atol=1e-6)
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises((ValueError, OSError)):
+        load_trajectory(str(tmp_path / "missing.csv"), 1.0)
