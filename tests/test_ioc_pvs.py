@@ -6,8 +6,10 @@ and pyepics talk to it.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ DB = load_db("reconstructor.db")
 CONTROL = [s for s in DB if s.writable and s.kind != "image"]
 # puts whose side effects (model loading, monitoring) are tested elsewhere, but whose values still round-trip
 NO_RBV_ECHO = {"ModelPath", "Backend", "ResetCounters", "Enable", "PreDarkPath", "MosaicReset", "TrajectoryFile",
+               "Capture", "CaptureFile",
                "MosaicXMin", "MosaicXMax", "MosaicYMin", "MosaicYMax"}
 
 
@@ -36,7 +39,8 @@ def sample_value(spec):
         return spec.enum_strs[-1] if spec.readback is not None else spec.enum_strs[0]
     if spec.kind == "string":
         return {"ModelPath": "/nonexistent/model.onnx", "InputPV": "TST:NOPE:Image",
-                "PreDarkPath": "", "TrajectoryFile": ""}.get(spec.suffix, "abc")
+                "PreDarkPath": "", "TrajectoryFile": "",
+                "CaptureFile": f"{tempfile.gettempdir()}/ptychostream-test-{os.getpid()}.h5"}.get(spec.suffix, "abc")
     lo, hi = spec.drvl, spec.drvh
     v = lo + (hi - lo) / 7 if spec.kind == "float" else int(lo + max(1, (hi - lo) // 7))
     if spec.suffix == "PreCropSize":

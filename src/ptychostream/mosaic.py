@@ -102,6 +102,14 @@ class MosaicStage(threading.Thread):
     def reset(self) -> None:
         self.inbox.put(("reset",))
 
+    def snapshot(self, timeout: float = 10.0) -> MosaicImage | None:
+        """The current mosaic as fresh arrays, taken on the stitch thread (None if empty)."""
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self.inbox.put(("snapshot", fut))
+        return fut.result(timeout)
+
     def stop(self) -> None:
         self._stop_event.set()
 
@@ -139,6 +147,9 @@ class MosaicStage(threading.Thread):
             self._configure(msg[1])
         elif kind == "reset":
             self._reset()
+        elif kind == "snapshot":
+            empty = self.stitcher is None or self.stitcher.n_patches == 0
+            msg[1].set_result(None if empty else self.stitcher.mosaic())
 
     def _configure(self, changes: dict[str, Any]) -> None:
         old = self.settings

@@ -44,6 +44,12 @@ class Publisher:
         self._next = 0.0
         return self.rate_hz
 
+    def add_listener(self, listener: Callable[[BatchResult], None]) -> None:
+        self.listeners = [*self.listeners, listener]  # copy-on-write: publish() may be iterating
+
+    def remove_listener(self, listener: Callable[[BatchResult], None]) -> None:
+        self.listeners = [x for x in self.listeners if x is not listener]
+
     def publish(self, result: BatchResult) -> None:
         for listener in self.listeners:
             listener(result)

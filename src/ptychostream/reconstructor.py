@@ -25,6 +25,7 @@ from .publish import Publisher
 from .pvdb import load_db
 from .queue import POLICIES, FrameQueue
 from .receive import GapCounter, PositionMonitor, Receiver
+from .record import Recorder
 from .stats import Counters, LatencyWindow, RateMeter
 
 __all__ = ["Reconstructor"]
@@ -54,7 +55,9 @@ class Reconstructor:
         self.batcher.batch_size = d.get("BatchSize")
         self.receiver = Receiver(self._on_monitor_frame, self._on_bad_frame, self._on_connect)
         self.mosaic = MosaicStage(d, lambda text, sev: self.message(text, severity=sev))
-        self.publisher.listeners.append(self.mosaic.on_result)
+        self.publisher.add_listener(self.mosaic.on_result)
+        self.recorder: Recorder | None = None
+        self._record_counts = (0, 0)
         self.table_monitor = PositionMonitor(self._on_table, lambda text: self.message(text, severity=1))
         self.motor_monitors = [PositionMonitor(self._motor_cb(axis), lambda text: self.message(text, severity=1))
                                for axis in (0, 1)]
@@ -83,6 +86,9 @@ class Reconstructor:
         self.mosaic.start()
 
     def stop(self) -> None:
+        if self.recorder is not None:
+            rec, self.recorder = self.recorder, None
+            self._finish_record(rec)
         self.receiver.close()
         self.table_monitor.close()
         for m in self.motor_monitors:
@@ -125,6 +131,10 @@ class Reconstructor:
             state = ST_IDLE
         d.set("Status_RBV", state)
         d.set_many(self.mosaic.status())
+        rec = self.recorder
+        written, dropped = (rec.written, rec.dropped) if rec is not None else self._record_counts
+        d.set("CaptureWritten_RBV", written)
+        d.set("CaptureDropped_RBV", dropped)
         since = self._monitor_since
         if since is not None and time.monotonic() - since > CONNECT_TIMEOUT_S:
             self._monitor_since = None
@@ -311,6 +321,37 @@ class Reconstructor:
         for name in ("MosaicXMin", "MosaicXMax", "MosaicYMin", "MosaicYMax"):
             extent(name)
 
+        @on("CaptureFrames")
+        def _capture_frames(value: int) -> None:
+            d.set("CaptureFrames_RBV", value)
+
+        @on("CaptureFile")
+        def _capture_file(value: str) -> str:
+            if self.recorder is not None:
+                raise PutError("cannot change CaptureFile while capturing: put Capture=0 first")
+            return value.strip()
+
+        @on("Capture")
+        def _capture(value: int) -> None:
+            if value and self.recorder is None:
+                path = d.get("CaptureFile").strip()
+                if not path:
+                    raise PutError("Capture: set CaptureFile first")
+                try:
+                    self.recorder = Recorder(path, frames=bool(d.get("CaptureFrames")), attr_x=d.get("PosAttrX"),
+                                             attr_y=d.get("PosAttrY"), scale=d.get("PosScale"),
+                                             on_error=lambda text: self.message(text, severity=2))
+                except OSError as exc:
+                    raise PutError(f"Capture: cannot write {path}: {exc}") from None
+                self.publisher.add_listener(self.recorder.submit)
+                d.set("CaptureFile_RBV", path)
+                d.set("Capture_RBV", 1)
+                self.message(f"recording to {path}")
+            elif not value and self.recorder is not None:
+                rec, self.recorder = self.recorder, None
+                self.publisher.remove_listener(rec.submit)
+                threading.Thread(target=self._finish_record, args=(rec,), daemon=True).start()
+
         @on("MosaicReset")
         def _mosaic_reset(value: int) -> int:
             if value:
@@ -321,6 +362,19 @@ class Reconstructor:
         for name in ("PreFFTShift", "PreCropSize", "PreCropX", "PreCropY", "PreBin",
                      "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath"):
             on(name)(self._make_pre_handler(name))
+
+    def _finish_record(self, rec: Recorder) -> None:
+        """Close a record with the final mosaic (off the put path)."""
+        try:
+            mosaic = self.mosaic.snapshot()
+        except Exception as exc:  # the record still closes
+            mosaic = None
+            self.message(f"record: no final mosaic ({exc})", severity=1)
+        rec.close(mosaic)
+        self._record_counts = (rec.written, rec.dropped)
+        self.device.set("Capture_RBV", 0)
+        if not rec.error:
+            self.message(f"record {rec.path} closed: {rec.written} frames, {rec.dropped} dropped")
 
     def _mosaic_settings(self) -> dict[str, Any]:
         d = self.device

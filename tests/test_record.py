@@ -1,0 +1,116 @@
+"""Issue #6 (record): the IOC's HDF5 writer, switched on by Capture, and training-pair capture."""
+
+from __future__ import annotations
+
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import IOCProcess, next_slot, pva_client_conf, text, wait_for
+from ptychostream.device import ImageFrame
+from ptychostream.modelzoo import build_ptychonn_onnx
+from ptychostream.ntnd import encode
+from ptychostream.record import read_record, training_pairs
+
+pytestmark = pytest.mark.system
+R = "TST:REC:"
+
+
+@pytest.fixture(scope="module")
+def ioc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rec")
+    model = build_ptychonn_onnx(str(d / "m.onnx"), size=64, heads=("amplitude", "phase"), base_channels=4, depth=2)
+    proc = IOCProcess(["ioc", "--prefix", R, "--no-ca"], R, next_slot()).start()
+    from p4p.client.thread import Context
+
+    ctx = Context("pva", conf=pva_client_conf(), useenv=False)
+    raw = Context("pva", conf=pva_client_conf(), useenv=False, nt=False)
+    for k, v in {"ModelPath": model, "Enable": 1, "PixelSize": 1e-8, "PublishRate": 0, "MosaicRate": 50}.items():
+        ctx.put(R + k, v, wait=True)
+    wait_for(lambda: int(ctx.get(R + "ModelStatus_RBV")) == 2, timeout=30, message="model")
+    yield proc, ctx, raw, d
+    ctx.close()
+    raw.close()
+    proc.stop()
+
+
+def send(raw, n, first=1):
+    rng = np.random.default_rng(first)
+    frames = rng.poisson(4, (n, 64, 64)).astype(np.uint16)
+    for i in range(n):
+        uid = first + i
+        raw.put(R + "Input", encode(ImageFrame(frames[i], uid, time.time(), None,
+                                               {"PositionX": 2e-8 * (i % 5), "PositionY": 2e-8 * (i // 5)})),
+                wait=True)
+    return frames
+
+
+def test_capture_writes_results_positions_frames_and_mosaic(ioc):
+    proc, ctx, raw, d = ioc
+    path = d / "record.h5"
+    ctx.put(R + "MosaicReset", 1, wait=True)
+    ctx.put(R + "CaptureFile", str(path), wait=True)
+    ctx.put(R + "CaptureFrames", 1, wait=True)
+    ctx.put(R + "Capture", 1, wait=True)
+    assert int(ctx.get(R + "Capture_RBV")) == 1
+    sent = send(raw, 20)
+    wait_for(lambda: int(ctx.get(R + "CaptureWritten_RBV")) == 20, timeout=15, message="20 written")
+    wait_for(lambda: int(ctx.get(R + "Stitched_RBV")) == 20, timeout=10, message="20 stitched")
+    time.sleep(0.2)
+    live = ctx.get(R + "Mosaic")
+    ctx.put(R + "Capture", 0, wait=True)
+    wait_for(lambda: int(ctx.get(R + "Capture_RBV")) == 0, timeout=15, message="record closed")
+    assert "closed: 20 frames, 0 dropped" in text(ctx.get(R + "Message_RBV"))
+    rec = read_record(str(path))
+    data = rec["data"]
+    assert data["phase"].shape == (20, 64, 64) and data["amplitude"].shape == (20, 64, 64)
+    np.testing.assert_array_equal(data["unique_id"], np.arange(1, 21))
+    np.testing.assert_allclose(data["position_x_m"], 2e-8 * (np.arange(20) % 5))
+    np.testing.assert_array_equal(rec["frames"], sent)
+    assert (data["timestamp"] > 1e9).all() and (data["latency_ms"] > 0).all()
+    # the record re-reads to the same mosaic the Mosaic PV shows
+    mosaic = rec["mosaic"]
+    np.testing.assert_allclose(mosaic["phase"], np.asarray(live), atol=1e-6)
+    assert mosaic["n_patches"] == 20 and mosaic["pixel_size_m"] == pytest.approx(1e-8)
+    assert mosaic["origin_x_m"] == pytest.approx(live.attrib["OriginX"])
+    with h5py.File(path) as fh:
+        assert fh["entry"].attrs["NX_class"] == "NXentry" and fh["entry/data"].attrs["signal"] == "phase"
+
+
+def test_capture_refuses_unwritable_path_and_keeps_running(ioc):
+    proc, ctx, raw, d = ioc
+    from p4p.client.thread import RemoteError
+
+    ctx.put(R + "CaptureFile", "/nonexistent-folder/x.h5", wait=True)
+    with pytest.raises(RemoteError, match="cannot write"):
+        ctx.put(R + "Capture", 1, wait=True)
+    assert int(ctx.get(R + "Capture_RBV")) == 0
+    assert "cannot write" in text(ctx.get(R + "Message_RBV"))
+    ctx.put(R + "CaptureFile", "", wait=True)
+    with pytest.raises(RemoteError, match="CaptureFile first"):
+        ctx.put(R + "Capture", 1, wait=True)
+    before = int(ctx.get(R + "Processed_RBV"))
+    send(raw, 3, first=100)
+    wait_for(lambda: int(ctx.get(R + "Processed_RBV")) == before + 3, timeout=10, message="still processing")
+
+
+def test_training_pairs_from_record_and_product(ioc, tmp_path):
+    proc, ctx, raw, d = ioc
+    path = d / "record.h5"  # written by the first test
+    if not path.exists():
+        pytest.skip("needs the capture test's record")
+    rng = np.random.default_rng(0)
+    obj = np.exp(1j * rng.uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
+    product = tmp_path / "product.h5"
+    with h5py.File(product, "w") as fh:
+        fh["object"] = obj
+        fh["object"].attrs["pixel_width_m"] = 1e-8
+    out = tmp_path / "pairs.npz"
+    assert training_pairs(str(path), str(product), str(out)) == 20
+    with np.load(out) as z:
+        assert z["reciprocal"].shape == (20, 64, 64) and z["real"].shape == (20, 64, 64)
+        assert z["real"].dtype == np.complex64 and float(z["pixelsize"]) == 1e-8
+        # frame 0 sits at (0, 0): its patch is the object's centre block
+        np.testing.assert_allclose(z["real"][0], obj[0, 128 - 32:128 + 32, 128 - 32:128 + 32], atol=1e-5)
