@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import IOCProcess, next_slot, put_in_background, text, wait_for
+from conftest import SLOTS, IOCProcess, put_in_background, text, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -18,7 +18,8 @@ P = "TST:SIM:"
 @pytest.fixture(scope="module")
 def simdet(tmp_path_factory):
     truth = tmp_path_factory.mktemp("truth") / "truth.h5"
-    ioc = IOCProcess(["simdet", "--prefix", P, "--truth", str(truth)], P, next_slot()).start()
+    # slot 0: pvapy (pvAccessCPP) searches only EPICS_PVA_BROADCAST_PORT, which is slot 0's
+    ioc = IOCProcess(["simdet", "--prefix", P, "--truth", str(truth)], P, SLOTS[0]).start()
     ioc.truth = truth
     yield ioc
     ioc.stop()

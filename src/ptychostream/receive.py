@@ -58,6 +58,8 @@ class Receiver:
         self._on_frame = on_frame
         self._on_bad = on_bad
         self._on_connect = on_connect
+        self.on_stale: Callable[[int], None] = lambda uid: None
+        self._fresh = True
         self._ctx: Context | None = None
         self._sub = None
         self._lock = threading.Lock()
@@ -75,6 +77,7 @@ class Receiver:
                 self._sub.close()
                 self._sub = None
             self.channel = channel
+            self._fresh = True
             self._on_connect(False, f"monitoring {channel}" if channel else "no input channel")
             if channel:
                 self._sub = self._context().monitor(
@@ -83,6 +86,7 @@ class Receiver:
 
     def _callback(self, value) -> None:
         if isinstance(value, Disconnected):
+            self._fresh = True
             self._on_connect(False, f"{self.channel} disconnected")
             return
         if isinstance(value, Finished):
@@ -98,8 +102,12 @@ class Receiver:
             self._on_bad(f"{self.channel} is not an NTNDArray ({value.getID()})")
             return
         self._on_connect(True, "")
-        if value["uniqueId"] == 0 and not any(d["size"] for d in value["dimension"]):
-            return  # an IOC's initial empty image: connected, no frame yet
+        if self._fresh:
+            # the first update after (re)connecting is the PV's current value: the last frame of an
+            # earlier acquisition (or an IOC's empty start-up image), not a new frame
+            self._fresh = False
+            self.on_stale(int(value["uniqueId"]))
+            return
         try:
             frame = ntnd.decode(value, received=time.time())
         except ntnd.FrameError as exc:

@@ -62,6 +62,7 @@ class Reconstructor:
         self.motor_monitors = [PositionMonitor(self._motor_cb(axis), lambda text: self.message(text, severity=1))
                                for axis in (0, 1)]
         self._gaps = {"monitor": GapCounter(), "put": GapCounter()}
+        self.receiver.on_stale = self._on_stale
         self._enabled = False
         self._monitor_since: float | None = None
         self._model_error = False
@@ -154,6 +155,10 @@ class Reconstructor:
         if missed:
             self.counters.add("missed", missed)
         self.queue.put(frame)
+
+    def _on_stale(self, uid: int) -> None:
+        """The current value seen on connecting: not counted, but gaps count from it."""
+        self._gaps["monitor"].last = uid or None
 
     def _on_monitor_frame(self, frame: ImageFrame) -> None:
         self._intake(frame, "monitor")
