@@ -34,6 +34,8 @@ PROBES = ("zoneplate", "gaussian", "file")
 PATTERNS = ("spiral", "raster", "jitter")
 #: frames kept in the pre-computed cache (the scan loops over them)
 CACHE_BYTES = 1 << 30
+#: true patches stored in the ground-truth file (the object, probe and positions are always there)
+TRUTH_PATCHES = 256
 #: scalar motor readbacks are posted at most this often
 MOTOR_RATE_HZ = 100.0
 
@@ -234,7 +236,8 @@ class SimDetector:
             if truth and source.simulator is not None:
                 from .sim.replay import write_truth_h5
 
-                write_truth_h5(truth, source.simulator)
+                # true patches of the first scan points only: a 128x128 patch is 131 kB
+                write_truth_h5(truth, source.simulator, idx=np.arange(min(source.simulator.n, TRUTH_PATCHES)))
                 d.set("cam1:TruthFile_RBV", truth)
             d.set("cam1:DetectorState_RBV", ACQUIRE)
             d.set("cam1:StatusMessage_RBV", f"acquiring: {source.description}")
