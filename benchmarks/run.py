@@ -202,6 +202,11 @@ def bench_pipeline(net: EpicsNet, quick: bool, tmp: Path) -> None:
                 break
             time.sleep(0.02)
         secs = time.perf_counter() - t0
+        deadline = time.monotonic() + 10  # let the stitch thread finish what inference handed it
+        while int(ctx.get("BENCH:NN:Stitched_RBV")) + int(ctx.get("BENCH:NN:Unpositioned_RBV")) < c["Processed"]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         p50, p99 = float(ctx.get("BENCH:NN:LatencyP50_RBV")), float(ctx.get("BENCH:NN:LatencyP99_RBV"))
         row("pipeline", f"simdet -> reconstructor (CPU, batch {batch}), {n} frames 128x128", c["Processed"] / secs,
             "frames/s", ceiling, "raw ONNX Runtime, same model and batch",
