@@ -55,9 +55,18 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
 
 
 def apply_startup_values(device: DeviceState, values: dict[str, Any]) -> list[str]:
-    """Put ``[pvs]`` values through the normal put path (like autosave restore). Returns errors."""
+    """Put ``[pvs]`` values through the normal put path (like autosave restore). Returns errors.
+
+    String values may use ``${VAR}`` environment variables; ``${PTYCHOSTREAM_MODELS}`` is the
+    folder of the models shipped with the package.
+    """
+    import os
+
+    os.environ.setdefault("PTYCHOSTREAM_MODELS", str(Path(__file__).with_name("models")))
     errors = []
     for name, value in values.items():
+        if isinstance(value, str):
+            value = os.path.expandvars(value)
         try:
             device.put(name, value)
         except PutError as exc:
