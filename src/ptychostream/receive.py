@@ -25,6 +25,15 @@ _log = logging.getLogger(__name__)
 MONITOR_REQUEST = "record[queueSize=1024]field()"
 
 
+def _close(sub, ctx) -> tuple[None, None]:
+    """Close a p4p subscription and its context (either may be None)."""
+    if sub is not None:
+        sub.close()
+    if ctx is not None:
+        ctx.close()
+    return None, None
+
+
 class GapCounter:
     """Counts uniqueId gaps in one stream; a uniqueId that goes back means the source restarted."""
 
@@ -117,12 +126,7 @@ class Receiver:
 
     def close(self) -> None:
         with self._lock:
-            if self._sub is not None:
-                self._sub.close()
-                self._sub = None
-            if self._ctx is not None:
-                self._ctx.close()
-                self._ctx = None
+            self._sub, self._ctx = _close(self._sub, self._ctx)
 
 
 class PositionMonitor:
@@ -177,12 +181,7 @@ class PositionMonitor:
             self._on_status(f"position channel {self.channel}: unusable update ({exc})")
 
     def close(self) -> None:
-        if self._sub is not None:
-            self._sub.close()
-            self._sub = None
-        if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
+        self._sub, self._ctx = _close(self._sub, self._ctx)
         if self._ca is not None:
             self._ca.disconnect()
             self._ca = None
