@@ -1,4 +1,4 @@
-"""``ptychostream`` command line: ioc, simdet, pvtable (and more as the device grows)."""
+"""``ptychostream`` command line: the IOCs (ioc, simdet), train, score, pairs and pvtable."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def _cmd_pvtable(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from .record import training_pairs
+
+    try:
+        n = training_pairs(args.record, args.product, args.out)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"ptychostream pairs: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {n} training pairs")
+    return 0
+
+
 def _cmd_simdet(args: argparse.Namespace) -> int:
     from .simdet import run_simdet
 
@@ -73,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with [pvs] start-up setpoints")
     p.add_argument("--truth", help="write the ground truth (HDF5) here at each acquisition start")
     p.set_defaults(func=_cmd_simdet)
+
+    from .score import add_score_parser
+    from .train import add_train_parser
+
+    add_train_parser(sub)
+    add_score_parser(sub)
+
+    p = sub.add_parser("pairs", help="training pairs: a record's frames + patches of a later reconstruction",
+                       description="Join the diffraction frames of an HDF5 record (CaptureFrames=Yes) with "
+                                   "patches cut from an iterative reconstruction (Ptychodus product HDF5 or NPZ) "
+                                   "into a PtychoNN training NPZ.")
+    p.add_argument("record", help="HDF5 record written by the IOC (Capture)")
+    p.add_argument("product", help="Ptychodus product .h5 (object + pixel_width_m) or .npz (object, pixelsize)")
+    p.add_argument("--out", required=True, help="output NPZ")
+    p.set_defaults(func=_cmd_pairs)
 
     p = sub.add_parser("pvtable", help="print the PV table (Markdown) generated from db/")
     p.add_argument("--db", default="reconstructor.db", help="database file in db/")

@@ -473,7 +473,8 @@ class Reconstructor:
             return
         t0 = time.monotonic()
         try:
-            model = open_model(path, backend=BACKEND_CHOICES[backend], batch_size=d.get("BatchSize"))
+            model = open_model(path, backend=BACKEND_CHOICES[backend], batch_size=d.get("BatchSize"),
+                               spinning=False)  # idle ONNX Runtime threads must not starve receive/stitch
             model.selftest()
         except Exception as exc:
             self._model_error = True
@@ -497,6 +498,7 @@ class Reconstructor:
             self.message("the inference loop did not take the new model within 30 s", severity=2)
         self._model_error = False
         self._show_preprocess(pre)
+        self._apply_stitch_hint(info.metadata.get("ptychostream.stitch"))
         d.set("ModelPath_RBV", path)
         d.set("ModelInfo_RBV", info.summary())
         d.set("Backend_RBV", BACKEND_CHOICES.index(model.backend.name))
@@ -504,6 +506,20 @@ class Reconstructor:
         note = f" (fallback: {'; '.join(fallback)})" if fallback else ""
         self._finish_load(seq, MODEL_READY,
                           f"model ready in {time.monotonic() - t0:.2f} s on {model.backend.name}{note}")
+
+    def _apply_stitch_hint(self, hint: str | None) -> None:
+        """A model may say how its patches stitch best (``ptychostream.stitch``: {"offset": ...})."""
+        import json
+
+        try:
+            offset = json.loads(hint).get("offset") if hint else None
+        except (ValueError, AttributeError):
+            offset = None
+        choices = self.device.db["MosaicOffset"].enum_strs
+        if offset in choices:
+            self.device.set("MosaicOffset", choices.index(offset))
+            self.device.set("MosaicOffset_RBV", choices.index(offset))
+            self.mosaic.configure(offset=offset)
 
     def _finish_load(self, seq: int, status: int, text: str, severity: int = 0) -> None:
         with self._load_lock:
