@@ -318,3 +318,16 @@ def test_config_file_sets_startup_values(tmp_path):
             assert "BatchSizeTypo" in text(c.get("TST:CFG:Message_RBV"))
     finally:
         assert ioc.stop() == 0
+
+
+def test_subscribe_replay_gives_values_changed_before_the_front_end_subscribed():
+    """A front end built from a snapshot must not miss a change made before it subscribed."""
+    from ptychostream.device import DeviceState
+
+    dev = DeviceState(DB)
+    dev.set("InputConnected_RBV", 1)  # e.g. a monitor connecting while the PVA server is being built
+    seen = {}
+    dev.subscribe(lambda spec, reading: seen.__setitem__(spec.suffix, reading.value), replay=True)
+    assert seen["InputConnected_RBV"] == 1 and len(seen) == len([s for s in DB if s.kind not in ("image", "table")])
+    dev.set("Processed_RBV", 5)
+    assert seen["Processed_RBV"] == 5

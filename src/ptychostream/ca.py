@@ -86,7 +86,11 @@ class DevicePVGroup(PVGroup):
         return spec.enum_strs[value] if spec.kind == "enum" else value
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start mirroring; values that changed since the group was built are written now."""
         self._loop = loop
+        for suffix, reading in self.device.readings().items():
+            if suffix in self._by_suffix:
+                self._schedule(self.device.db[suffix], reading)
 
     def _on_change(self, spec: PVSpec, reading: Reading) -> None:
         if self._loop is None or spec.suffix not in self._by_suffix:

@@ -93,8 +93,14 @@ class DeviceState:
 
         return register
 
-    def subscribe(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def subscribe(self, listener: Listener, replay: bool = False) -> None:
+        """Call ``listener(spec, reading)`` on every change; ``replay`` first sends every current value
+        (atomically with the subscription, so a front end built from an earlier snapshot misses nothing)."""
+        with self._lock:
+            self._listeners.append(listener)
+            if replay:
+                for suffix, reading in self._values.items():
+                    listener(self.db[suffix], reading)
 
     def add_image_sink(self, sink: ImageSink) -> None:
         self._image_sinks.append(sink)

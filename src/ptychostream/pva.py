@@ -113,7 +113,7 @@ class PVAFrontEnd:
                 pv = SharedPV(nt=nt, handler=handler)
                 pv.open(nt.wrap(_initial(spec, readings[spec.suffix]), timestamp=readings[spec.suffix].timestamp))
             self.pvs[spec.suffix] = pv
-        device.subscribe(self._on_change)
+        device.subscribe(self._on_change, replay=True)  # values that changed while we were building
         device.add_image_sink(self._on_image)
 
     @property
