@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .paths import split_dataset_path
+
 __all__ = [
     "ScoreError", "MosaicFile", "frc", "half_bit_threshold", "illumination_map", "illumination_mask",
     "load_mosaic", "place_truth", "remove_plane", "score_phase", "score_files", "score_mosaic",
@@ -302,12 +304,10 @@ def load_mosaic(path: str | Path, dataset: str | None = None) -> MosaicFile:
     and pixel from the group's attributes ``origin_y_m``/``origin_x_m`` or ``origin_m``, and
     ``pixel_size_m`` or ``pixel_m``.  NPZ: the same names as arrays.  ``.npy``: phase only.
     """
-    spath = str(path)
-    if dataset is None and "::" in spath:
-        spath, dataset = spath.split("::", 1)
-    file = Path(spath)
-    if not file.is_file():
-        raise ScoreError(f"mosaic file not found: {file}")
+    try:
+        file, dataset = split_dataset_path(path, dataset, "mosaic")
+    except FileNotFoundError as exc:
+        raise ScoreError(str(exc)) from None
     suffix = file.suffix.lower()
     try:
         if suffix == ".npy":

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..paths import split_dataset_path
+
 __all__ = ["OBJECT_KINDS", "fit_object", "load_object", "make_object", "material", "seven_segment_mask"]
 
 OBJECT_KINDS: tuple[str, ...] = ("etched", "siemens", "digits", "dead_leaves", "blurred_noise", "procedural")
@@ -351,12 +353,7 @@ def load_object(path: str | Path, dataset: str | None = None, max_phase: float =
     ``path::dataset``), by default ``object`` — a Ptychodus product's layers×H×W complex object,
     of which the first layer is used.  Complex data with amplitude above 1 is scaled down.
     """
-    spath = str(path)
-    if dataset is None and "::" in spath:
-        spath, dataset = spath.split("::", 1)
-    file = Path(spath)
-    if not file.is_file():
-        raise FileNotFoundError(f"object file not found: {file}")
+    file, dataset = split_dataset_path(path, dataset, "object")
     where = str(file)
     import h5py
 

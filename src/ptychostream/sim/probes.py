@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..paths import split_dataset_path
+
 __all__ = ["PROBE_KINDS", "load_probe", "make_probe", "zoneplate_defocus_m"]
 
 PROBE_KINDS: tuple[str, ...] = ("zoneplate", "gaussian")
@@ -114,12 +116,7 @@ def load_probe(path: str | Path, dataset: str | None = None, normalize: bool = T
     ``pixel_width_m`` attribute (looked up on the dataset, then the file).  ``.npy`` files hold
     the array alone.  With ``normalize`` the result has Σ|P|² = 1.
     """
-    spath = str(path)
-    if dataset is None and "::" in spath:
-        spath, dataset = spath.split("::", 1)
-    file = Path(spath)
-    if not file.is_file():
-        raise FileNotFoundError(f"probe file not found: {file}")
+    file, dataset = split_dataset_path(path, dataset, "probe")
     pixel: float | None = None
     if file.suffix.lower() == ".npy":
         arr = np.load(file)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..paths import split_dataset_path
+
 from .forward import Geometry, Simulator, _index, centred, unshifted
 
 __all__ = ["FRAME_PATHS", "ReplayData", "centred", "load_frames", "read_truth_h5", "unshifted",
@@ -114,12 +116,7 @@ def load_frames(path: str | Path, dataset: str | None = None, positions: Any = N
     the file's positions: a Ptychodus product / NPZ path or an (N, 2) array in metres.
     Frames of more than three dimensions are flattened to (N, H, W).
     """
-    spath = str(path)
-    if dataset is None and "::" in spath:
-        spath, dataset = spath.split("::", 1)
-    file = Path(spath)
-    if not file.is_file():
-        raise FileNotFoundError(f"replay file not found: {file}")
+    file, dataset = split_dataset_path(path, dataset, "replay")
     pos: np.ndarray | None = None
     suffix = file.suffix.lower()
     if suffix == ".npz":
