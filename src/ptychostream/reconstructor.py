@@ -35,6 +35,9 @@ _log = logging.getLogger(__name__)
 MODEL_NONE, MODEL_LOADING, MODEL_READY, MODEL_ERROR = range(4)
 ST_DISABLED, ST_IDLE, ST_RUNNING, ST_OVERLOAD, ST_ERROR = range(5)
 CONNECT_TIMEOUT_S = 5.0
+#: the pre-processing setpoints (each has a _RBV)
+PRE_PVS = ("PreFFTShift", "PreCropSize", "PreCropX", "PreCropY", "PreBin", "PreThreshold", "PreScale",
+           "PreNormalise", "PreNormValue", "PreDarkPath")
 
 
 class Reconstructor:
@@ -364,8 +367,7 @@ class Reconstructor:
                 self.message("mosaic cleared")
             return 0
 
-        for name in ("PreFFTShift", "PreCropSize", "PreCropX", "PreCropY", "PreBin",
-                     "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath"):
+        for name in PRE_PVS:
             on(name)(self._make_pre_handler(name))
 
     def _finish_record(self, rec: Recorder) -> None:
@@ -400,9 +402,7 @@ class Reconstructor:
 
     # -- pre-processing -----------------------------------------------------------
     def _preprocess_from_pvs(self, override: dict[str, Any] | None = None) -> Preprocess:
-        v = {n: self.device.get(n) for n in (
-            "PreFFTShift", "PreCropSize", "PreCropX", "PreCropY", "PreBin",
-            "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath")}
+        v = {n: self.device.get(n) for n in PRE_PVS}
         v.update(override or {})
         if v["PreDarkPath"] != self._dark_path:
             self._dark = _load_dark(v["PreDarkPath"]) if v["PreDarkPath"] else None
