@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TRAIN_STAMP := $(VENV)/.installed-train
+# the training tests need PyTorch; the CPU build is enough (override for another build)
+TORCH ?= torch==2.13.0
 
 .PHONY: demo test install bench pvtable clean
 
@@ -12,12 +15,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,screens,bluesky]'
 	touch $(STAMP)
 
+$(TRAIN_STAMP): $(STAMP)
+	$(PY) -m pip install -q '$(TORCH)'
+	touch $(TRAIN_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m ptychostream.demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(TRAIN_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -6,6 +6,8 @@ import hashlib
 import importlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -461,6 +463,43 @@ def test_torch_cuda_matches_onnxruntime(tmp_path):
                 assert out[k].shape == ref[k].shape and out[k].dtype == np.float32
                 np.testing.assert_allclose(out[k], ref[k], atol=2e-2)
         be.close()
+
+
+def test_torch_cuda_runs_trained_models_without_onnx2torch(tmp_path):
+    """A model from ``ptychostream train`` is rebuilt by the training code: fp16, CUDA graphs."""
+    torch = pytest.importorskip("torch")
+    _gpu_or_skip("PyTorch-CUDA")
+    from ptychostream.train import build_net, export_onnx
+
+    net = build_net(64, 8, 3, ("amplitude", "phase"), 32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "trained.onnx"
+    export_onnx(net, path, {"ptychostream.outputs": ["amplitude", "phase"], "ptychostream.training": {"net": net.config}})
+    be = open_backend("PyTorch-CUDA", str(path), batch_size=16, half=True)
+    ref = open_backend("ONNXRuntime-CPU", str(path))
+    assert be.converter == "ptychostream" and be.cuda_graphs and be.half
+    for n in (1, 5, 16, 40):
+        x = _frames(n, seed=n, size=64)
+        out, want = be.infer(x), ref.infer(x)
+        for k in want:
+            assert out[k].shape == want[k].shape == (n, 32, 32) and out[k].dtype == np.float32
+            np.testing.assert_allclose(out[k], want[k], atol=2e-2)
+    be.close()
+
+
+def test_no_driver_is_found_without_importing_torch():
+    """Auto must not spend seconds importing torch on a machine with no NVIDIA driver."""
+    from ptychostream.backends import cuda_driver_reason
+
+    if cuda_driver_reason() is None:
+        pytest.skip("an NVIDIA driver is present here")
+    code = ("import sys; from ptychostream.backends import backend_unavailable_reason as r; "
+            "print(r('PyTorch-CUDA')); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split("\n")
+    assert out[0].startswith("no CUDA GPU") and "driver" in out[0]
+    assert out[1] == "False"
 
 
 def test_metadata_json_values_are_strings(tmp_path):

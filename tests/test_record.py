@@ -114,3 +114,38 @@ def test_training_pairs_from_record_and_product(ioc, tmp_path):
         assert z["real"].dtype == np.complex64 and float(z["pixelsize"]) == 1e-8
         # frame 0 sits at (0, 0): its patch is the object's centre block
         np.testing.assert_allclose(z["real"][0], obj[0, 128 - 32:128 + 32, 128 - 32:128 + 32], atol=1e-5)
+
+
+def test_retrain_on_captured_pairs_and_hot_swap_through_modelpath(ioc, tmp_path):
+    """The seed's loop: record a scan, pair it with an iterative product, train on the pairs,
+    and load the new model into the running IOC through ModelPath, with no frame lost."""
+    pytest.importorskip("torch")
+    from ptychostream.train import TrainConfig, train
+
+    proc, ctx, raw, d = ioc
+    path = d / "record.h5"  # written by the capture test
+    if not path.exists():
+        pytest.skip("needs the capture test's record")
+    obj = np.exp(1j * np.random.default_rng(1).uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
+    product = tmp_path / "product.h5"
+    with h5py.File(product, "w") as fh:
+        fh["object"] = obj
+        fh["object"].attrs["pixel_width_m"] = 1e-8
+    pairs = tmp_path / "pairs.npz"
+    assert training_pairs(str(path), str(product), str(pairs)) == 20
+    model = tmp_path / "retrained.onnx"
+    summary = train(TrainConfig(output=str(model), data=(str(pairs),), size=64, depth=2, base_channels=4,
+                                output_size=64, epochs=2, batch=8, threads=1, val=0), progress=False,
+                    log=lambda s: None)
+    assert summary["steps"] == 4 and summary["data"]["pairs"] == 20
+    before = {k: int(ctx.get(R + k + "_RBV")) for k in ("Received", "Processed")}
+    ctx.put(R + "ModelPath", str(model), wait=True)
+    wait_for(lambda: text(ctx.get(R + "ModelPath_RBV")) == str(model) and int(ctx.get(R + "ModelStatus_RBV")) == 2,
+             timeout=30, message="the retrained model serving")
+    assert "retrained" in text(ctx.get(R + "ModelInfo_RBV"))
+    send(raw, 5, first=200)
+    wait_for(lambda: int(ctx.get(R + "Processed_RBV")) == before["Processed"] + 5, timeout=15,
+             message="frames through the retrained model")
+    assert int(ctx.get(R + "Received_RBV")) == before["Received"] + 5
+    phase = ctx.get(R + "Phase")
+    assert np.asarray(phase).shape == (64, 64) and np.isfinite(np.asarray(phase)).all()

@@ -402,3 +402,17 @@ def test_odd_frame_size_and_fit_object():
     np.testing.assert_allclose(sim.clean(range(9)), ff, rtol=1e-3, atol=1e-4 * ff.max())
     assert sim.frames(range(9)).shape == (9, 33, 33)
     np.testing.assert_array_equal(fit_object(obj, small.shape), small)
+
+
+def test_circuit_objects_are_manhattan():
+    """Circuit layouts have wires along rows and columns only: no edge runs diagonally."""
+    ph = np.angle(make_object("circuit", shape=(192, 192), seed=4, pitch_px=12))
+    dy, dx = np.abs(np.diff(ph, axis=0))[:, :-1], np.abs(np.diff(ph, axis=1))[:-1, :]
+    edges = (dy > 0.2) | (dx > 0.2)
+    assert edges.mean() > 0.02  # there is a layout
+    # at a Manhattan edge one of the two differences is near zero; both large only at corners
+    both = (dy > 0.2) & (dx > 0.2)
+    assert both.sum() < 0.15 * edges.sum()
+    etched = np.angle(make_object("etched", shape=(192, 192), seed=4))
+    ey, ex = np.abs(np.diff(etched, axis=0))[:, :-1], np.abs(np.diff(etched, axis=1))[:-1, :]
+    assert ((ey > 0.2) & (ex > 0.2)).sum() > 0.15 * ((ey > 0.2) | (ex > 0.2)).sum()  # rotated shapes do

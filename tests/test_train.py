@@ -267,3 +267,107 @@ def test_shipped_model_reconstructs_unseen_etched_frames():
     # chance level: the same predictions against other patches
     other = [np.corrcoef(p[lit], t[lit])[0, 1] for p, t in zip(out, np.roll(truth, 1, axis=0))]
     assert np.median(corr) > np.median(np.abs(other)) + 0.4
+
+
+# --------------------------------------------------------------------------- continuing from a model
+def test_init_continues_from_an_exported_model(npz_file, tmp_path):
+    pytest.importorskip("torch")
+    from ptychostream.train import TrainError, train
+
+    first = tmp_path / "first.onnx"
+    train(tiny_config(first, [npz_file], epochs=2), progress=False, log=lambda s: None)
+    msgs: list[str] = []
+    second = tmp_path / "second.onnx"
+    s = train(tiny_config(second, [npz_file], epochs=1, init=str(first), lr=1e-4, grad_weight=0.5),
+              progress=False, log=msgs.append)
+    # the BatchNorms folded by the export come back as an identity: the start reproduces the file
+    assert s["init"]["file"] == "first.onnx" and s["init"]["max_abs_diff"] < 1e-4
+    assert len(s["init"]["sha256"]) == 64 and any("starting from" in m for m in msgs)
+    assert "gradient" in s["loss"]
+    frames, _, _ = tiny_pairs(6, seed=9)
+    with open_model(first, backend="ONNXRuntime-CPU", threads=1) as a, \
+            open_model(second, backend="ONNXRuntime-CPU", threads=1) as b:
+        pa, pb = a.run(frames)["phase"], b.run(frames)["phase"]
+    # a few small steps move the model a little, not back to a random start
+    assert 0 < np.abs(pa - pb).max() < 0.5
+    fresh = tmp_path / "fresh.onnx"
+    train(tiny_config(fresh, [npz_file], epochs=1, lr=1e-4), progress=False, log=lambda s: None)
+    with open_model(fresh, backend="ONNXRuntime-CPU", threads=1) as f:
+        assert np.abs(pa - pb).mean() < np.abs(pa - f.run(frames)["phase"]).mean()
+    # another architecture or pre-processing is refused with the reason; nothing is written
+    with pytest.raises(TrainError, match="convolutions"):
+        train(tiny_config(tmp_path / "x.onnx", [npz_file], init=str(first), depth=1), progress=False)
+    with pytest.raises(TrainError, match="pre-processing differs: scale"):
+        train(tiny_config(tmp_path / "x.onnx", [npz_file], init=str(first), scale="log1p"), progress=False)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(TrainError, match="--init"):
+        train(tiny_config(tmp_path / "x.onnx", [npz_file], init=str(tmp_path / "junk.onnx")), progress=False)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bf16_training_and_the_new_options(npz_file, tmp_path):
+    pytest.importorskip("torch")
+    from ptychostream.train import TrainError, train
+
+    out = tmp_path / "bf16.onnx"
+    s = train(tiny_config(out, [npz_file], epochs=1, precision="bf16"), progress=False, log=lambda s: None)
+    assert s["precision"] == "bf16" and s["onnx_max_abs_diff"] <= 1e-4  # the export is fp32
+    with open_model(out, backend="ONNXRuntime-CPU", threads=1) as m:
+        assert np.isfinite(m.run(tiny_pairs(3)[0])["phase"]).all()
+    with pytest.raises(TrainError, match="--precision"):
+        train(tiny_config(out, [npz_file], precision="fp8"), progress=False)
+    with pytest.raises(TrainError, match="--grad-weight"):
+        train(tiny_config(out, [npz_file], grad_weight=-1.0), progress=False)
+    args = parser().parse_args(["train", "m.onnx", "--init", "a.onnx", "--precision", "bf16",
+                                "--grad-weight", "0.5"])
+    from ptychostream.train import _config_from_args
+
+    cfg = _config_from_args(args)
+    assert (cfg.init, cfg.precision, cfg.grad_weight) == ("a.onnx", "bf16", 0.5)
+
+
+def test_simulated_training_batches_include_circuits():
+    pytest.importorskip("torch")
+    from ptychostream.train import TRAIN_KINDS, TrainConfig, _make_source
+
+    assert "circuit" in TRAIN_KINDS and not {"digits", "siemens"} & set(TRAIN_KINDS)
+    src, facts = _make_source(TrainConfig(objects=("circuit",), crop=64, object_px=192, pool=2))
+    b = src.batch(0, 4)
+    assert b.x.shape == (4, 1, 64, 64) and b.phase.shape[-1] == facts["out"]
+    assert np.isfinite(b.x).all() and np.ptp(b.phase) > 0.1
+    again = src.batch(0, 4)  # a batch is a pure function of its step
+    np.testing.assert_array_equal(b.x, again.x)
+
+
+# --------------------------------------------------------------------------- the PyTorch backend
+def test_torch_backend_rebuilds_trained_models_without_onnx2torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    from ptychostream.backends import open_backend
+    from ptychostream.backends.torch_cuda import TorchCudaBackend
+    from ptychostream.infer import load_model_file
+    from ptychostream.train import build_net, export_onnx
+
+    net = build_net(32, 4, 2, ("amplitude", "phase"), 16)
+    with torch.no_grad():  # non-trivial BatchNorms, so that the folded export differs from the raw convs
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    path = tmp_path / "t.onnx"
+    export_onnx(net, path, {"ptychostream.outputs": ["amplitude", "phase"],
+                            "ptychostream.training": {"net": net.config}})
+    info = load_model_file(path)
+    for model in (info, load_model_file(SHIPPED)):
+        be = TorchCudaBackend(model, batch_size=8, half=False, cuda_graphs=False, device="cpu")
+        ref = open_backend("ONNXRuntime-CPU", model)
+        assert be.converter == "ptychostream" and be.outputs == ref.outputs
+        h, w = model.input_shape
+        for n in (1, 5, 13):  # one partial bucket, one exact chunk split, several chunks
+            x = np.random.default_rng(n).uniform(0, 3, (n, h, w)).astype(np.float32)
+            got, want = be.infer(x), ref.infer(x)
+            for k in want:
+                assert got[k].shape == want[k].shape and got[k].dtype == np.float32
+                np.testing.assert_allclose(got[k], want[k], atol=1e-4)
+        be.close()
+        ref.close()

@@ -29,7 +29,7 @@ _log = logging.getLogger(__name__)
 IDLE, ACQUIRE, ERROR, INITIALIZING, ABORTED = 0, 1, 6, 8, 10
 SINGLE, MULTIPLE, CONTINUOUS = 0, 1, 2
 DATA_TYPES = ("uint8", "int16", "uint16", "uint32", "float32")
-OBJECTS = ("etched", "siemens", "digits", "dead_leaves", "blurred_noise", "procedural", "file")
+OBJECTS = ("etched", "siemens", "digits", "dead_leaves", "blurred_noise", "procedural", "file", "circuit")
 PROBES = ("zoneplate", "gaussian", "file")
 PATTERNS = ("spiral", "raster", "jitter")
 #: frames kept in the pre-computed cache (the scan loops over them)

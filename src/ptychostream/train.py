@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,13 +55,14 @@ from .preprocess import Preprocess
 
 __all__ = [
     "TRAIN_KINDS", "TrainConfig", "TrainError", "ArraySource", "SimSource", "build_net", "export_onnx",
-    "load_pairs", "probe_weight", "train", "add_train_parser",
+    "load_conv_weights", "load_pairs", "net_from_onnx", "probe_weight", "train", "warm_start", "add_train_parser",
 ]
 
 #: object families used for training (digits and siemens are held out for the demo)
-TRAIN_KINDS: tuple[str, ...] = ("etched", "dead_leaves", "blurred_noise", "procedural")
+TRAIN_KINDS: tuple[str, ...] = ("etched", "circuit", "dead_leaves", "blurred_noise", "procedural")
 #: default mix of the families
-KIND_WEIGHTS = {"etched": 0.4, "dead_leaves": 0.2, "blurred_noise": 0.15, "procedural": 0.25}
+KIND_WEIGHTS = {"etched": 0.3, "circuit": 0.25, "dead_leaves": 0.15, "blurred_noise": 0.1, "procedural": 0.2}
+PRECISIONS = ("fp32", "bf16")
 HEADS = ("amplitude", "phase")
 CHECKPOINT_NAME = "last.pt"
 
@@ -109,6 +111,7 @@ class TrainConfig:
     lr: float = 2e-3
     schedule: str = "onecycle"
     amp_weight: float = 1.0
+    grad_weight: float = 0.0
     loss_floor: float = 0.05
     seed: int = 0
     device: str = "cpu"
@@ -117,11 +120,14 @@ class TrainConfig:
     time_limit_s: float | None = None
     budget_s: float | None = None
     name: str | None = None
+    init: str | None = None
+    precision: str = "fp32"
 
     def key(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed (not output/device/limits)."""
         d = asdict(self)
-        for k in ("output", "device", "threads", "checkpoint", "time_limit_s", "budget_s", "name", "epochs"):
+        for k in ("output", "device", "threads", "checkpoint", "time_limit_s", "budget_s", "name", "epochs",
+                  "precision"):
             d.pop(k)
         return json.loads(json.dumps(d))
 
@@ -265,6 +271,8 @@ class SimSource:
             kw.update(cell_px=float(rng.uniform(10.0, 40.0)))
         elif kind == "dead_leaves":
             kw.update(rmin=float(rng.uniform(1.5, 4.0)))
+        elif kind == "circuit":
+            kw.update(pitch_px=float(rng.uniform(8.0, 24.0)), density=float(rng.uniform(0.5, 1.5)))
         obj = make_object(kind, (self.n_px, self.n_px), seed=int(rng.integers(2**31)), **kw)
         k = int(rng.integers(4))  # orientation variety
         return np.ascontiguousarray(np.rot90(obj, k))
@@ -651,7 +659,7 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
     cfg = net.config
     heads = list(cfg["heads"])
     size = int(cfg["size"])
-    net = fuse_batchnorm(net.to("cpu"))
+    net = fuse_batchnorm(net.to("cpu")).to(memory_format=torch.contiguous_format)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx.tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -845,6 +853,34 @@ def _save_checkpoint(torch: Any, folder: Path, state: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_init(cfg: TrainConfig, facts: dict[str, Any]) -> None:
+    """The --init model must take the same input as this run (pre-processing, pixel)."""
+    from .infer import ModelError, load_model_file
+
+    try:
+        info = load_model_file(cfg.init)
+    except ModelError as exc:
+        raise TrainError(f"--init: {exc}") from None
+    if info.kind != "onnx":
+        raise TrainError(f"--init {cfg.init}: training continues from an ONNX model, not an engine")
+    want, have = facts["pre"].to_dict(), info.preprocess.to_dict()
+    bad = [f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in sorted(want) if have.get(k) != want.get(k)]
+    if bad:
+        raise TrainError(f"--init {cfg.init}: its pre-processing differs: {'; '.join(bad)}; pass the options "
+                         "it was trained with (--crop, --bin, --scale, --normalise)")
+    if info.pixel_m and facts["pixel_m"] and abs(info.pixel_m / facts["pixel_m"] - 1) > 1e-3:
+        raise TrainError(f"--init {cfg.init}: its object pixel is {info.pixel_m:.4g} m, this run's is "
+                         f"{facts['pixel_m']:.4g} m")
+
+
 def _check_output_path(path: Path) -> None:
     folder = path.resolve().parent
     if path.suffix.lower() != ".onnx":
@@ -857,16 +893,137 @@ def _check_output_path(path: Path) -> None:
         raise TrainError(f"cannot write {path}: it is a folder")
 
 
-def _loss(torch: Any, outs: tuple, batch: Any, heads: Sequence[str], weight: Any, amp_weight: float):
+def _loss(torch: Any, outs: tuple, batch: Any, heads: Sequence[str], weight: Any, amp_weight: float,
+          grad_weight: float = 0.0):
+    """Probe-weighted L1 per head (the reported parts), plus ``grad_weight`` × the L1 of the
+    difference of the finite differences along y and x (it penalises blurred edges)."""
     total = 0.0
     parts = {}
     wsum = weight.sum()
     for head, pred in zip(heads, outs):
+        pred = pred.float()
         target = batch["phase"] if head == "phase" else batch["amplitude"]
-        err = ((pred - target).abs() * weight).sum(dim=(-2, -1)).mean() / wsum
+        diff = pred - target
+        err = (diff.abs() * weight).sum(dim=(-2, -1)).mean() / wsum
         parts[head] = err
-        total = total + (err if head == "phase" else amp_weight * err)
+        term = err
+        if grad_weight:
+            gy = (diff[..., 1:, :] - diff[..., :-1, :]).abs() * torch.minimum(weight[1:, :], weight[:-1, :])
+            gx = (diff[..., :, 1:] - diff[..., :, :-1]).abs() * torch.minimum(weight[:, 1:], weight[:, :-1])
+            term = term + grad_weight * (gy.sum(dim=(-2, -1)) + gx.sum(dim=(-2, -1))).mean() / (2 * wsum)
+        total = total + (term if head == "phase" else amp_weight * term)
     return total, parts
+
+
+def _read_onnx(path: str | Path, what: str) -> Any:
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # missing, truncated or not ONNX
+        raise TrainError(f"{what} {path}: cannot read it as ONNX ({exc})") from None
+
+
+def load_conv_weights(net: Any, model: Any, what: str = "model") -> None:
+    """Copy the Conv weights of an ONNX graph exported by :func:`export_onnx` into ``net``.
+
+    Convolutions pair up in graph order with the ``Conv2d`` modules of ``net`` (the order in
+    which the export traced them); any difference in count or shape raises TrainError.
+    """
+    torch = _torch()
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:  # the exporter shares equal tensors through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    mods = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    if len(convs) != len(mods):
+        raise TrainError(f"{what} has {len(convs)} convolutions, the network has {len(mods)}; "
+                         "pass the same --base-channels, --depth, --heads and --output-size as its training")
+    with torch.no_grad():
+        for k, (node, mod) in enumerate(zip(convs, mods)):
+            w = inits.get(node.input[1])
+            b = inits.get(node.input[2]) if len(node.input) > 2 else np.zeros(mod.out_channels, np.float32)
+            if w is None or b is None or tuple(w.shape) != tuple(mod.weight.shape):
+                got = "a computed weight" if w is None or b is None else f"weights {tuple(w.shape)}"
+                raise TrainError(f"{what}: convolution {k} has {got}, the network needs "
+                                 f"{tuple(mod.weight.shape)}; pass the architecture it was trained with")
+            mod.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+            mod.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))
+
+
+def net_from_onnx(path: str | Path, config: dict[str, Any] | None = None) -> Any:
+    """The torch module of a model this command exported: :func:`build_net` with the layout
+    recorded in its metadata (``ptychostream.training`` → ``net``), without BatchNorm (the
+    export folded it), and the file's weights.  Used by the PyTorch backend."""
+    model = _read_onnx(path, "model")
+    if config is None:
+        meta = {p.key: p.value for p in model.metadata_props}
+        try:
+            config = json.loads(meta.get("ptychostream.training", "{}")).get("net")
+        except (ValueError, AttributeError):
+            config = None
+    if not isinstance(config, dict):
+        raise TrainError(f"{path} does not record its network layout (ptychostream.training.net); "
+                         "it was not written by ptychostream train")
+    try:
+        net = build_net(int(config["size"]), int(config["base_channels"]), int(config["depth"]),
+                        tuple(config["heads"]), int(config["output_size"]), batchnorm=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TrainError(f"{path}: unusable network layout {config!r} ({exc})") from None
+    load_conv_weights(net, model, str(path))
+    return net.eval()
+
+
+def warm_start(net: Any, path: str | Path, x: Any) -> float:
+    """Load an exported model's weights into ``net`` (same layout) to continue training from it.
+
+    The export folds each BatchNorm into its convolution, so the convolutions take the file's
+    weights and each BatchNorm is set to the identity on the batch ``x`` (data-dependent
+    initialisation: γ = σ, β = μ, running statistics = μ, σ²).  Returns the largest difference
+    between the initialised ``net`` (eval mode) and the file run by onnxruntime on ``x``.
+    """
+    torch = _torch()
+    model = _read_onnx(path, "--init")
+    load_conv_weights(net, model, f"--init {path}")
+    with torch.no_grad():
+        stats: dict[Any, tuple[Any, Any]] = {}
+
+        def identity(bn: Any, inputs: tuple) -> None:
+            y = inputs[0].float()
+            mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+            bn.weight.copy_(torch.sqrt(var + bn.eps))
+            bn.bias.copy_(mean)
+            stats[bn] = (mean.clone(), var.clone())
+
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        hooks = [bn.register_forward_pre_hook(identity) for bn in bns]
+        was_training = net.training
+        try:
+            net.train()
+            net(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for bn, (mean, var) in stats.items():  # the pass above also moved the running statistics
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        net.eval()
+        want = [t.float().cpu().numpy() for t in net(x)]
+        net.train(was_training)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.float().cpu().contiguous().numpy()})
+    if len(got) != len(want):
+        raise TrainError(f"--init {path}: it has {len(got)} outputs, the network to train has {len(want)} heads")
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(want, got))
 
 
 def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str, Any]:
@@ -887,6 +1044,10 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
         raise TrainError("--device cuda asked for, but torch sees no CUDA device")
     if device not in ("cpu", "cuda"):
         raise TrainError(f"--device must be cpu, cuda or auto, got {cfg.device!r}")
+    if cfg.precision not in PRECISIONS:
+        raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.grad_weight < 0 or not math.isfinite(cfg.grad_weight):
+        raise TrainError(f"--grad-weight must be a number >= 0, got {cfg.grad_weight!r}")
     torch.set_num_threads(max(1, int(cfg.threads)))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -894,7 +1055,11 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     src, facts = _make_source(cfg)
     out = facts["out"]
-    net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out).to(device)
+    if cfg.init:
+        _check_init(cfg, facts)
+    # channels-last convolutions run about 1.7x faster on CPUs (oneDNN) and suit tensor cores
+    net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out).to(
+        device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     steps_per_epoch = src.steps_per_epoch(cfg.batch)
     total = steps_per_epoch * cfg.epochs
@@ -927,10 +1092,25 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     val = src.validation(cfg.val) if cfg.val > 0 else None
 
     def to_dev(b: Batch) -> dict[str, Any]:
-        d = {"x": torch.from_numpy(b.x).to(device), "phase": torch.from_numpy(b.phase).to(device)}
+        d = {"x": torch.from_numpy(b.x).to(device).contiguous(memory_format=torch.channels_last),
+             "phase": torch.from_numpy(b.phase).to(device)}
         if b.amplitude is not None:
             d["amplitude"] = torch.from_numpy(b.amplitude).to(device)
         return d
+
+    init_info = None
+    if cfg.init and state is None:
+        diff = warm_start(net, cfg.init, to_dev(val if val is not None else src.batch(0, cfg.batch))["x"])
+        if not diff <= 1e-3:
+            raise TrainError(f"--init {cfg.init}: the network does not reproduce the file (max |diff| {diff:.3g})")
+        init_info = {"file": Path(cfg.init).name, "sha256": _file_sha(Path(cfg.init)), "max_abs_diff": diff}
+        say(f"starting from {cfg.init} (reproduced to {diff:.2g})")
+    elif state is not None:
+        init_info = state.get("init")
+
+    def forward(x: Any) -> tuple:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return net(x)
 
     def evaluate() -> dict[str, float] | None:
         if val is None:
@@ -941,7 +1121,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
             for s in range(0, len(val.x), 64):
                 b = to_dev(Batch(val.x[s:s + 64], val.phase[s:s + 64],
                                  None if val.amplitude is None else val.amplitude[s:s + 64]))
-                _, parts = _loss(torch, net(b["x"]), b, heads, weight, cfg.amp_weight)
+                _, parts = _loss(torch, forward(b["x"]), b, heads, weight, cfg.amp_weight)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(b["x"])
         net.train()
@@ -953,9 +1133,19 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     stopped = ""
     bar = None
 
+    # the next batch is simulated on a worker thread while this one trains (numpy's FFTs and the
+    # Poisson draws release the GIL); a batch is a pure function of its step, so order is kept
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-data")
+    ahead: dict[int, Any] = {}
+
+    def fetch(k: int) -> Batch:
+        fut = ahead.pop(k, None) or pool.submit(src.batch, k, cfg.batch)
+        ahead[k + 1] = pool.submit(src.batch, k + 1, cfg.batch)
+        return fut.result()
+
     def one_step(k: int) -> None:
-        b = to_dev(src.batch(k, cfg.batch))
-        loss, parts = _loss(torch, net(b["x"]), b, heads, weight, cfg.amp_weight)
+        b = to_dev(fetch(k))
+        loss, parts = _loss(torch, forward(b["x"]), b, heads, weight, cfg.amp_weight, cfg.grad_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1016,7 +1206,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
                     say(msg)
                 if ckpt_dir is not None:
                     _save_checkpoint(torch, ckpt_dir, {
-                        "key": cfg.key(), "total": total, "step": step, "net": net.state_dict(),
+                        "key": cfg.key(), "total": total, "step": step, "net": net.state_dict(), "init": init_info,
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history,
                         "elapsed": elapsed0 + time.monotonic() - t0, "torch_rng": torch.get_rng_state()})
             if over_time and not done:
@@ -1026,6 +1216,9 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     finally:
         if bar is not None:
             bar.stop()
+        for fut in ahead.values():
+            fut.cancel()
+        pool.shutdown(wait=True)
     elapsed = elapsed0 + time.monotonic() - t0
     final_val = evaluate()
     summary = {
@@ -1033,8 +1226,10 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
         "epochs": round(step / steps_per_epoch, 3), "steps": step, "planned_steps": total or None,
         "batch": cfg.batch, "samples_seen": step * cfg.batch, "lr": cfg.lr, "schedule": cfg.schedule,
         "budget_s": cfg.budget_s,
-        "optimizer": "Adam", "loss": "L1, probe-weighted" + (f", + {cfg.amp_weight:g} x amplitude"
-                                                               if "amplitude" in heads else ""),
+        "optimizer": "Adam", "precision": cfg.precision, "init": init_info,
+        "loss": "L1, probe-weighted" + (f", + {cfg.grad_weight:g} x L1 of the gradient error" if cfg.grad_weight
+                                        else "") + (f", + {cfg.amp_weight:g} x amplitude" if "amplitude" in heads
+                                                    else ""),
         "final_train_loss": {k: round(v, 5) for k, v in running.items()},
         "final_val_loss": None if final_val is None else {k: round(v, 5) for k, v in final_val.items()},
         "data": src.describe(), "net": net.config, "time_s": round(elapsed, 1),
@@ -1078,7 +1273,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         object_px=args.object_px, pool=args.pool, refresh=args.refresh, pixel_m=args.pixel_m, val=args.val,
         heads=heads, base_channels=args.base_channels, depth=args.depth, output_size=out_size,
         scale=args.scale, normalise=args.normalise, epochs=args.epochs, samples=args.samples, batch=args.batch,
-        lr=args.lr, schedule=args.schedule, amp_weight=args.amp_weight, loss_floor=args.loss_floor,
+        lr=args.lr, schedule=args.schedule, amp_weight=args.amp_weight, grad_weight=args.grad_weight,
+        loss_floor=args.loss_floor, init=args.init, precision=args.precision,
         seed=args.seed, device=args.device, threads=args.threads, checkpoint=args.checkpoint,
         time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
         budget_s=None if args.budget is None else 60.0 * args.budget, name=args.name,
@@ -1174,11 +1370,19 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--schedule", default=d.schedule, choices=("onecycle", "cyclic", "constant"),
                    help="learning-rate schedule (default onecycle)")
     g.add_argument("--amp-weight", type=float, default=d.amp_weight, help="weight of the amplitude loss (default 1)")
+    g.add_argument("--grad-weight", type=float, default=d.grad_weight,
+                   help="weight of an L1 loss on the error's finite differences, for sharper edges (default 0)")
     g.add_argument("--loss-floor", type=float, default=d.loss_floor,
                    help="loss weight of pixels the probe does not light (default 0.05)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (default 2)")
+    g.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="fp32 (default) or bf16 autocast (mixed precision: about 1.5x faster on CPUs with "
+                        "AVX-512 BF16 or AMX, and on GPUs; the weights stay fp32)")
+    g.add_argument("--init", metavar="MODEL.onnx",
+                   help="continue from a model this command exported (same architecture and pre-processing), "
+                        "as after each scan in the seed's retraining loop")
     g.add_argument("--checkpoint", metavar="DIR", help="save a checkpoint each epoch; resume from DIR if present")
     g.add_argument("--time-limit", type=float, metavar="MIN", help="stop after MIN minutes and export what is there")
     g.add_argument("--budget", type=float, metavar="MIN",

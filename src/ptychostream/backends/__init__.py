@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Backend", "BackendError", "BACKEND_CHOICES", "AUTO_ORDER", "available_backends",
-    "open_backend", "backend_unavailable_reason", "split_outputs", "check_input",
+    "open_backend", "backend_unavailable_reason", "cuda_driver_reason", "split_outputs", "check_input",
 ]
 
 BACKEND_CHOICES = ("Auto", "ONNXRuntime-CPU", "TensorRT", "PyTorch-CUDA")
@@ -77,6 +77,23 @@ def canonical_name(name: str) -> str:
 
 def _module(name: str):
     return importlib.import_module(_MODULES[name], __name__)
+
+
+def cuda_driver_reason() -> str | None:
+    """Why no CUDA GPU can be used here, found without importing a GPU framework; None if a
+    driver library is present (the GPU backends then check the device themselves)."""
+    import ctypes
+    import ctypes.util
+
+    for lib in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if not lib:
+            continue
+        try:
+            ctypes.CDLL(lib)
+            return None
+        except OSError:
+            continue
+    return "no CUDA GPU (no NVIDIA driver library libcuda found)"
 
 
 def backend_unavailable_reason(name: str) -> str | None:

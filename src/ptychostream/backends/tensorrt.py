@@ -12,6 +12,7 @@ tensorrt and pycuda are imported lazily: importing this module never fails.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import BackendError, check_input, split_outputs
+from . import BackendError, check_input, cuda_driver_reason, split_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..infer import ModelInfo
@@ -32,6 +33,9 @@ _log = logging.getLogger(__name__)
 
 
 def _import():
+    reason = cuda_driver_reason()
+    if reason and importlib.util.find_spec("tensorrt") is not None:
+        raise BackendError(reason)
     try:
         import tensorrt as trt
     except ImportError as exc:

@@ -1,12 +1,15 @@
-"""PyTorch on CUDA: the ONNX file converted with onnx2torch, fp16, CUDA graphs.
+"""PyTorch on CUDA: the ONNX file as a torch module, fp16, CUDA graphs.
 
-One CUDA graph is captured per batch bucket (powers of two up to the batch size,
+A model written by ``ptychostream train`` records its layout, so the module is rebuilt by the
+training code (:func:`ptychostream.train.net_from_onnx`) with the file's weights; any other
+ONNX file is converted with onnx2torch.  One CUDA graph is captured per batch bucket (powers of two up to the batch size,
 or the fixed ONNX batch); a chunk is padded up to its bucket. onnx2torch's Resize
 module calls ``scales.tolist()`` on every forward, which syncs with the host and
 breaks graph capture, so Resize modules whose scales/sizes are constants are
 replaced by a frozen ``F.interpolate`` after conversion.
 
-torch and onnx2torch are imported lazily: importing this module never fails.
+torch and onnx2torch are imported lazily: importing this module never fails, and a machine
+without an NVIDIA driver is told so without importing torch (which takes seconds).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import BackendError, check_input, split_outputs
+from . import BackendError, check_input, cuda_driver_reason, split_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..infer import ModelInfo
@@ -27,19 +30,18 @@ __all__ = ["TorchCudaBackend", "open", "unavailable_reason", "freeze_resize"]
 NAME = "PyTorch-CUDA"
 
 
-def _import():
+def _import(cuda: bool = True):
+    if cuda:
+        reason = cuda_driver_reason()
+        if reason:
+            raise BackendError(reason)
     try:
         import torch
     except ImportError as exc:
         raise BackendError(f"PyTorch is not installed: {exc}") from None
-    if not torch.cuda.is_available():
+    if cuda and not torch.cuda.is_available():
         raise BackendError("no CUDA GPU (torch.cuda.is_available() is False)")
-    try:
-        import onnx2torch
-    except ImportError as exc:
-        raise BackendError(f"onnx2torch is not installed (PyTorch-CUDA converts the ONNX file "
-                           f"with it): {exc}") from None
-    return torch, onnx2torch
+    return torch
 
 
 def unavailable_reason() -> str | None:
@@ -48,6 +50,28 @@ def unavailable_reason() -> str | None:
     except BackendError as exc:
         return str(exc)
     return None
+
+
+def to_module(model: "ModelInfo"):
+    """(torch module, converter name) for an ONNX model: the training code's own layout when the
+    file records it, else onnx2torch."""
+    from ..train import TrainError, net_from_onnx
+
+    if isinstance((model.training or {}).get("net"), dict):
+        try:
+            return net_from_onnx(model.path, model.training["net"]), "ptychostream"
+        except TrainError:
+            pass  # edited or foreign weights: let onnx2torch read the graph as it is
+    try:
+        import onnx2torch
+    except ImportError as exc:
+        raise BackendError(f"{model.path} was not written by ptychostream train; converting it needs "
+                           f"onnx2torch (pip install onnx2torch): {exc}") from None
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return onnx2torch.convert(onnx.load(model.path)), "onnx2torch"
 
 
 def _constant_of(gm, node):
@@ -122,19 +146,16 @@ class TorchCudaBackend:
 
     def __init__(self, model: "ModelInfo", batch_size: int = 64, half: bool = True,
                  cuda_graphs: bool = True, device: str = "cuda", **_ignored: Any) -> None:
-        torch, onnx2torch = _import()
+        cuda = not str(device).startswith("cpu")  # device="cpu" (fp32, no graphs) checks the module
+        torch = _import(cuda)
         if model.kind != "onnx":
             raise BackendError(f"{NAME} converts ONNX files, not {model.path}")
-        import onnx
-
         self._torch = torch
         self.device = torch.device(device)
         self.half = bool(half)
         self._dtype = torch.float16 if self.half else torch.float32
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = onnx2torch.convert(onnx.load(model.path))
-        self.frozen_resizes = freeze_resize(net)
+        net, self.converter = to_module(model)
+        self.frozen_resizes = freeze_resize(net) if self.converter == "onnx2torch" else 0
         self._net = net.eval().to(self.device, self._dtype)
         self.input_shape = tuple(model.input_shape)
         self.fixed_batch = model.fixed_batch
@@ -148,9 +169,11 @@ class TorchCudaBackend:
             top = max(1, int(batch_size))
             self._buckets = sorted({min(1 << k, top) for k in range(top.bit_length() + 1)})
         self._chunk = self._buckets[-1]
-        self._host = torch.empty((self._chunk, *self._in_rest), dtype=torch.float32).pin_memory()
+        self._host = torch.empty((self._chunk, *self._in_rest), dtype=torch.float32)
+        if cuda:
+            self._host = self._host.pin_memory()
         self._graphs: dict[int, tuple] = {}
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = bool(cuda_graphs) and cuda
         with torch.inference_mode():
             for b in self._buckets:
                 self._prepare(b)

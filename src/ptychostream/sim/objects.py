@@ -15,7 +15,9 @@ i.e. within ±``max_phase`` (default 1 rad).  Kinds (:data:`OBJECT_KINDS`):
 * ``"digits"``: seven-segment digits in rows plus random lines (``text=`` for fixed digits);
 * ``"dead_leaves"``: occluding soft discs, radii ∝ r⁻³ (scale-invariant);
 * ``"blurred_noise"``: Gaussian-filtered white noise (``sigma_px``);
-* ``"procedural"``: Voronoi cells with soft cell walls plus random sinusoids.
+* ``"procedural"``: Voronoi cells with soft cell walls plus random sinusoids;
+* ``"circuit"``: an integrated-circuit-like layout on a routing grid: horizontal and vertical
+  wires of a few widths on two etch depths, vias and pads (``pitch_px``, ``density``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from ..paths import split_dataset_path
 
 __all__ = ["OBJECT_KINDS", "fit_object", "load_object", "make_object", "material", "seven_segment_mask"]
 
-OBJECT_KINDS: tuple[str, ...] = ("etched", "siemens", "digits", "dead_leaves", "blurred_noise", "procedural")
+OBJECT_KINDS: tuple[str, ...] = ("etched", "siemens", "digits", "dead_leaves", "blurred_noise", "procedural",
+                                  "circuit")
 
 #: segments (y0, x0, y1, x1) of a seven-segment digit in a unit box of height 1 and width 0.55
 _W = 0.55
@@ -293,9 +296,37 @@ def _procedural(shape: tuple[int, int], rng: np.random.Generator, *, cell_px: fl
     return _rescale(t, 0.0, 100.0)
 
 
+def _circuit(shape: tuple[int, int], rng: np.random.Generator, *, pitch_px: float = 12.0,
+             density: float = 1.0) -> np.ndarray:
+    """Manhattan routing: wires snapped to a grid of ``pitch_px``, two layers, vias and pads."""
+    h, w = shape
+    t = np.zeros(shape)
+    pitch = float(pitch_px)
+    tracks_y, tracks_x = np.arange(pitch / 2, h, pitch), np.arange(pitch / 2, w, pitch)
+    n_wires = max(4, int(density * h * w / (4.0 * pitch) ** 2))
+    for _ in range(n_wires):
+        depth = float(rng.choice([0.5, 1.0]))
+        half_w = float(rng.uniform(0.12, 0.3)) * pitch
+        length = float(rng.uniform(2, 12)) * pitch
+        if rng.uniform() < 0.5:  # horizontal wire on a y track
+            cy, cx = float(rng.choice(tracks_y)), float(rng.choice(tracks_x))
+            _box(t, cy, cx + length / 2, length / 2 + half_w, half_w, 0.0, depth)
+        else:
+            cy, cx = float(rng.choice(tracks_y)), float(rng.choice(tracks_x))
+            _box(t, cy + length / 2, cx, half_w, length / 2 + half_w, 0.0, depth)
+    for _ in range(max(1, n_wires // 3)):  # vias: small squares on grid crossings
+        side = float(rng.uniform(0.2, 0.4)) * pitch
+        _box(t, float(rng.choice(tracks_y)), float(rng.choice(tracks_x)), side, side, 0.0, 1.0)
+    for _ in range(max(1, n_wires // 25)):  # pads
+        a, b = rng.uniform(0.8, 2.5, size=2) * pitch
+        _box(t, float(rng.choice(tracks_y)), float(rng.choice(tracks_x)), float(a), float(b), 0.0,
+             float(rng.choice([0.5, 1.0])))
+    return t
+
+
 _MAKERS: dict[str, Callable[..., np.ndarray]] = {
     "etched": _etched, "siemens": _siemens, "digits": _digits, "dead_leaves": _dead_leaves,
-    "blurred_noise": _blurred_noise, "procedural": _procedural,
+    "blurred_noise": _blurred_noise, "procedural": _procedural, "circuit": _circuit,
 }
 
 
@@ -305,7 +336,8 @@ def make_object(kind: str, shape: tuple[int, int] = (512, 512), seed: int = 0, *
 
     Extra keywords go to the kind: etched — ``scale``, ``density``; siemens — ``spokes``,
     ``radius``; digits — ``text``, ``height``, ``lines``; dead_leaves — ``rmin``, ``rmax``;
-    blurred_noise — ``sigma_px``; procedural — ``cell_px``, ``waves``.
+    blurred_noise — ``sigma_px``; procedural — ``cell_px``, ``waves``; circuit — ``pitch_px``,
+    ``density``.
     """
     if kind not in _MAKERS:
         raise ValueError(f"unknown object kind {kind!r}; choose one of {', '.join(OBJECT_KINDS)}")
