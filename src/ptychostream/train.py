@@ -3,8 +3,8 @@
 ``ptychostream train OUT.onnx`` trains on
 
 * **simulated pairs** (the default, ``--data sim``): random positions over random synthetic
-  objects (families ``etched``, ``dead_leaves``, ``blurred_noise``, ``procedural``; ``digits``
-  and ``siemens`` are held out for the demo), a simulated zone-plate or Gaussian probe or a
+  objects (families ``etched``, ``circuit``, ``dead_leaves``, ``blurred_noise``, ``procedural``;
+  ``digits`` and ``siemens`` are held out for the demo), a simulated zone-plate or Gaussian probe or a
   measured one (``--probe FILE``: Ptychodus product HDF5 or ``.npy``), far-field frames with
   Poisson noise at ``--photons``;  the data stream is a pure function of (seed, step), so a
   resumed run sees the same batches;
@@ -25,7 +25,10 @@ Targets: the phase has its (probe-weighted) mean removed — a far-field intensi
 know the absolute phase — and the loss is an L1 weighted by the probe intensity (smoothed,
 saturated at 20 % of its peak, with a floor ``--loss-floor`` elsewhere), on the phase plus
 ``--amp-weight`` × the amplitude.  Adam with a one-cycle (or cyclic) learning rate, fixed seeds,
-a rich progress bar, resumable checkpoints (``--checkpoint DIR``) and ``--device cpu|cuda``.
+a rich progress bar, resumable checkpoints (``--checkpoint DIR``) and ``--device cpu|cuda``;
+``--precision bf16`` (autocast) and channels-last convolutions for speed, an optional L1 loss on
+the error's finite differences (``--grad-weight``) for sharper edges, and ``--init MODEL.onnx``
+to continue from an exported model (the seed's retraining after each scan).
 
 The export has a dynamic batch dimension (opset 17), the pre-processing (``Preprocess``) and
 the rest of the metadata ``ptychostream.*`` (see :mod:`ptychostream.infer`), is checked against
@@ -1318,8 +1321,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
             "and export it as an ONNX model for the reconstructor: dynamic batch, opset 17, with the\n"
             "pre-processing, output labels, pixel size, probe id and a training summary in its metadata.\n"
             "The export is checked against torch with onnxruntime and self-tested before it replaces OUTPUT.\n\n"
-            "Data: simulated on the fly (default; random positions over random etched / dead_leaves /\n"
-            "blurred_noise / procedural objects, Poisson noise) or pairs from files (--data)."),
+            "Data: simulated on the fly (default; random positions over random etched / circuit /\n"
+            "dead_leaves / blurred_noise / procedural objects, Poisson noise) or pairs from files (--data)."),
         epilog=(
             "examples:\n"
             "  ptychostream train model.onnx --epochs 40          # the 128x128 edge layout, simulated data\n"
