@@ -1,12 +1,24 @@
 #!/usr/bin/env python3
 """ptychostream benchmarks: each figure is printed next to a ceiling measured in the same run.
 
-  python benchmarks/run.py                 # all benchmarks, full size
+  python benchmarks/run.py                 # every benchmark, full size
   python benchmarks/run.py --quick         # seconds: checks the harness, not speed
-  python benchmarks/run.py --only simdet,pipeline
+  python benchmarks/run.py --only sweep,burst,swap --backend PyTorch-CUDA --size 64 --plot sweep.png
 
+Benchmarks (--only, comma-separated):
+  simdet    simulated detector -> p4p client, next to the raw p4p transport ceiling
+  pipeline  simdet -> reconstructor -> mosaic, one burst, next to the raw inference ceiling
+  stitch    Stitcher.add on its own
+  sweep     simdet -> reconstructor -> mosaic over input rates paced by AcquirePeriod (fractions
+            of the measured inference ceiling); BacklogLimit = 0.5 s of frames at the ceiling
+  burst     a burst at simdet's full speed into a large queue: peak backlog, drain time, rate
+  swap      a hot model swap (put ModelPath) while frames stream: frames lost, put -> serving
+  pvapy     pvapy-ad-sim-server -> pvapy-hpc-consumer, next to the raw p4p transport ceiling
+
+--backend goes to the reconstructor's Backend PV and to the inference ceiling alike.
 Every EPICS process runs on a private loopback network (127.0.0.1, free ports).
-Results go to stdout as a Markdown table (and to --json FILE).
+Results go to stdout as a Markdown table (and to --json FILE; rows carry their raw numbers
+under "data").
 """
 
 from __future__ import annotations
@@ -15,29 +27,83 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from ptychostream.backends import BACKEND_CHOICES, backend_unavailable_reason
 from ptychostream.launch import IOCProcess
 from ptychostream.loopback import EpicsNet
+
+BENCHES = ("simdet", "pipeline", "stitch", "sweep", "burst", "swap", "pvapy")
+
+#: sweep: input rates as fractions of the inference ceiling measured in the same run
+SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5)
+SWEEP_FRACTIONS_QUICK = (0.25, 1.5)
+#: sweep: seconds of input per rate, and the queue (BacklogLimit) as seconds of input at the ceiling.
+#: A step is 10 buffers long, so a rate more than ~10 % above what the pipeline sustains overflows.
+SWEEP_STEP_S, SWEEP_STEP_S_QUICK = 5.0, 1.5
+SWEEP_BUFFER_S = 0.5
+#: sweep: a rate is sustained when nothing is lost and the queue peaked at most at this share of BacklogLimit
+SUSTAINED_QUEUE = 0.5
+#: burst: frames, and the queue that must hold them
+BURST_FRAMES, BURST_FRAMES_QUICK = 10000, 400
+#: swap: stream at this fraction of the inference ceiling for this long, swap half-way
+SWAP_FRACTION = 0.5
+SWAP_STREAM_S, SWAP_STREAM_S_QUICK = 10.0, 3.0
+#: pvapy: seconds the ad-sim-server publishes
+PVAPY_SECONDS, PVAPY_SECONDS_QUICK = 10.0, 2.0
+#: monitor queue of the pvapy consumer (the reconstructor asks for record[queueSize=1024])
+PVAPY_QUEUE = 1024
+#: counter polling period; the reconstructor itself refreshes its counter PVs at 10 Hz
+POLL_S = 0.02
 
 ROWS: list[dict] = []
 
 
+@dataclass
+class Opts:
+    """What every benchmark is run with (from the command line)."""
+
+    quick: bool
+    backend: str
+    size: int
+    tmp: Path
+    fractions: tuple[float, ...] | None = None
+
+    @property
+    def batch(self) -> int:
+        return 16 if self.quick else 32
+
+
+def _num(value: float) -> float:
+    return round(value, 3) if abs(value) < 10 else round(value, 1)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
 def row(bench: str, what: str, value: float, unit: str, ceiling: float | None = None, ceiling_what: str = "",
-        note: str = "") -> None:
-    r = {"bench": bench, "what": what, "value": round(value, 1), "unit": unit, "ceiling": ceiling and round(ceiling, 1),
-         "ceiling_what": ceiling_what, "ratio": round(value / ceiling, 3) if ceiling else None, "note": note}
+        note: str = "", **data) -> None:
+    """One figure (next to a ceiling measured in the same run); ``data`` keeps raw numbers for --json."""
+    r = {"bench": bench, "what": what, "value": _num(value), "unit": unit, "ceiling": ceiling and _num(ceiling),
+         "ceiling_what": ceiling_what, "ratio": round(value / ceiling, 3) if ceiling else None, "note": note,
+         "data": data}
     ROWS.append(r)
-    ratio = f"  ({100 * r['ratio']:.0f}% of {ceiling_what} {ceiling:.0f} {unit})" if ceiling else ""
-    print(f"[{bench}] {what}: {value:.1f} {unit}{ratio} {note}", flush=True)
+    ratio = f"  ({100 * r['ratio']:.0f}% of {ceiling_what} {_fmt(ceiling)} {unit})" if ceiling else ""
+    print(f"[{bench}] {what}: {_fmt(value)} {unit}{ratio} {note}", flush=True)
 
 
 # -- PVA transport ceiling: p4p server process -> p4p client process ------------------------
@@ -116,16 +182,16 @@ def pva_ceiling(net: EpicsNet, size: int, n: int) -> float:
 
 
 # -- simulated detector publish rate ---------------------------------------------------------
-def bench_simdet(net: EpicsNet, quick: bool) -> None:
+def bench_simdet(net: EpicsNet, o: Opts) -> None:
     from p4p.client.thread import Context
 
-    n = 2000 if quick else 20000
-    ceiling = pva_ceiling(net, 128, n)
+    n, size = (2000 if o.quick else 20000), o.size
+    ceiling = pva_ceiling(net, size, n)
     sim = IOCProcess(["simdet", "--prefix", "BENCH:SIM:", "--no-ca"], "BENCH:SIM:", net.slots[0], net).start()
     ctx = Context("pva", conf=net.pva_conf(), useenv=False)
     try:
         for k, v in {"ImageMode": "Multiple", "NumImages": n, "ScanPoints": min(n, 4000), "AcquirePeriod": 0.0,
-                     "DataType": "UInt16", "Size": 128}.items():
+                     "DataType": "UInt16", "Size": size}.items():
             ctx.put(f"BENCH:SIM:cam1:{k}", v, wait=True)
         ctx.put("BENCH:SIM:cam1:Acquire", 1, timeout=120)  # build the frame cache first (not timed)
 
@@ -135,106 +201,534 @@ def bench_simdet(net: EpicsNet, quick: bool) -> None:
 
         got, secs, gaps = count_frames(net, "BENCH:SIM:Pva1:Image", n, start)
         rate = got / secs
-        row("simdet", f"simdet -> p4p client, 128x128 uint16, {n} frames", rate, "frames/s", ceiling,
-            "raw p4p server->client", note=f"received {got}/{n}, gaps {gaps}")
+        row("simdet", f"simdet -> p4p client, {size}x{size} uint16, {n} frames", rate, "frames/s", ceiling,
+            "raw p4p server->client", note=f"received {got}/{n}, gaps {gaps}", received=got, sent=n, gaps=gaps)
     finally:
         ctx.close()
         sim.stop()
 
 
-# -- inference ceiling and end-to-end CPU pipeline ------------------------------------------------
-def model_file(tmp: Path) -> str:
+# -- models and the inference ceiling ----------------------------------------------------------
+def model_file(tmp: Path, size: int = 128, seed: int = 0) -> str:
+    """The 0.73 M-parameter PtychoNN-class edge net for ``size`` frames (``seed``: other weights, another id)."""
     from ptychostream.modelzoo import build_ptychonn_onnx
 
-    return build_ptychonn_onnx(str(tmp / "edge128.onnx"), size=128, heads=("phase",), base_channels=16, depth=4)
+    path = tmp / f"edge{size}-{seed}.onnx"
+    if path.exists():
+        return str(path)
+    return build_ptychonn_onnx(str(path), size=size, heads=("phase",), base_channels=16, depth=4, seed=seed)
 
 
-def onnx_ceiling(path: str, batch: int, n: int) -> float:
+def open_like_reconstructor(path: str, backend: str, batch: int):
+    """Open a model file as the reconstructor's loader does (same backend options), self-tested."""
     from ptychostream.infer import open_model
 
-    model = open_model(path, backend="ONNXRuntime-CPU", batch_size=batch)
-    frames = np.random.default_rng(0).poisson(5, (batch, 128, 128)).astype(np.uint16)
-    model.run(frames)
+    model = open_model(path, backend=backend, batch_size=batch, spinning=False)
+    model.selftest()
+    return model
+
+
+def inference_ceiling(path: str, backend: str, batch: int, size: int, quick: bool) -> tuple[float, str]:
+    """Raw inference rate (pre-processing included) of full batches, and the backend that ran it.
+
+    Each benchmark measures it just before it starts its IOCs, so a shared box's load changes little
+    between the figure and its ceiling.
+    """
+    n, min_s = (8 * batch, 0.5) if quick else (2000, 3.0)
+    model = open_like_reconstructor(path, backend, batch)
+    frames = np.random.default_rng(0).poisson(5, (batch, size, size)).astype(np.uint16)
+    for _ in range(3):  # first-run allocations, autotuning
+        model.run(frames)
     t0 = time.perf_counter()
     done = 0
-    while done < n:
+    while done < n or time.perf_counter() - t0 < min_s:
         model.run(frames)
         done += batch
     rate = done / (time.perf_counter() - t0)
+    name = model.backend.name
     model.close()
-    return rate
+    return rate, name
 
 
-def bench_pipeline(net: EpicsNet, quick: bool, tmp: Path) -> None:
-    from p4p.client.thread import Context
+def load_time(path: str, backend: str, batch: int) -> float:
+    """Seconds to open and self-test a model file with nothing else running (the swap's reference)."""
+    t0 = time.perf_counter()
+    model = open_like_reconstructor(path, backend, batch)
+    secs = time.perf_counter() - t0
+    model.close()
+    return secs
 
-    n, batch = (300, 16) if quick else (4000, 32)
-    path = model_file(tmp)
-    ceiling = onnx_ceiling(path, batch, n // 2)
-    sim = IOCProcess(["simdet", "--prefix", "BENCH:SIM:", "--no-ca"], "BENCH:SIM:", net.slots[0], net).start()
-    rec = IOCProcess(["ioc", "--prefix", "BENCH:NN:", "--no-ca"], "BENCH:NN:", net.slots[1], net).start()
-    ctx = Context("pva", conf=net.pva_conf(), useenv=False)
-    try:
-        for k, v in {"ModelPath": path, "InputPV": "BENCH:SIM:Pva1:Image", "BatchSize": batch, "BacklogLimit": 100000,
-                     "PublishRate": 10, "PixelSize": 1e-8, "Enable": 1}.items():
-            ctx.put(f"BENCH:NN:{k}", v, wait=True)
-        deadline = time.monotonic() + 60
-        while int(ctx.get("BENCH:NN:ModelStatus_RBV")) != 2 or int(ctx.get("BENCH:NN:InputConnected_RBV")) != 1:
+
+# -- simdet -> reconstructor: one harness for pipeline, sweep, burst and swap --------------------
+@dataclass
+class Stream:
+    """One acquisition of ``sent`` frames through the reconstructor, as its counter PVs saw it."""
+
+    sent: int
+    period: float
+    counters: dict[str, int]
+    peak_backlog: int
+    backlog_at_last_rx: int
+    t0: float            # Acquire put
+    first: float         # first poll that saw Received > 0
+    last_rx: float       # first poll that saw the final Received
+    done: float          # first poll with every received frame accounted for and Backlog 0
+    acquired: float      # the Acquire put completed (simdet published the last frame)
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def lost(self) -> int:
+        c = self.counters
+        return (self.sent - c["Received"]) + c["Dropped"] + c["Rejected"]
+
+    @property
+    def balanced(self) -> bool:
+        """Received = Processed + Dropped + Rejected + Backlog."""
+        c = self.counters
+        return c["Received"] == c["Processed"] + c["Dropped"] + c["Rejected"] + c["Backlog"]
+
+    @property
+    def rate(self) -> float:
+        """Frames processed per second, first frame received to last frame processed."""
+        return self.counters["Processed"] / max(self.done - self.first, 1e-3)
+
+    @property
+    def input_rate(self) -> float:
+        """Frames per second simdet published (Acquire put to its completion)."""
+        return self.sent / max(self.acquired - self.t0, 1e-3)
+
+    @property
+    def drain_s(self) -> float:
+        return max(0.0, self.done - self.last_rx)
+
+    def lost_note(self) -> str:
+        c = self.counters
+        return (f"lost {self.lost} (dropped {c['Dropped']}, rejected {c['Rejected']}, "
+                f"not received {self.sent - c['Received']}, uniqueId gaps {c['Missed']})")
+
+    def latency_note(self) -> str:
+        return f"latency p50 {self.p50_ms:.0f} ms p99 {self.p99_ms:.0f} ms"
+
+    def data(self) -> dict:
+        c = self.counters
+        return {"sent": self.sent, "received": c["Received"], "processed": c["Processed"], "dropped": c["Dropped"],
+                "rejected": c["Rejected"], "missed": c["Missed"], "backlog_end": c["Backlog"], "lost": self.lost,
+                "balanced": self.balanced, "rate": round(self.rate, 1), "input_rate": round(self.input_rate, 1),
+                "peak_backlog": self.peak_backlog, "backlog_at_last_rx": self.backlog_at_last_rx,
+                "drain_s": round(self.drain_s, 3), "p50_ms": self.p50_ms, "p99_ms": self.p99_ms}
+
+
+class Pipeline:
+    """simdet (slot 0) -> reconstructor (slot 1), configured, model Ready and input connected.
+
+    ``with Pipeline(...) as p:`` then ``p.warm(n)`` and ``p.stream(n, period)``.
+    """
+
+    SIM, REC = "BENCH:SIM:", "BENCH:NN:"
+    COUNTERS = ("Received", "Processed", "Dropped", "Rejected", "Missed", "Backlog")
+
+    def __init__(self, net: EpicsNet, model: str, o: Opts, batch: int, backlog: int, scan_points: int = 1000) -> None:
+        self.net, self.model, self.o = net, model, o
+        self.batch, self.backlog, self.scan_points = batch, backlog, scan_points
+        self.sim_ioc: IOCProcess | None = None
+        self.rec_ioc: IOCProcess | None = None
+        self.ctx = self.actx = None
+        self.backend_used = ""
+
+    def __enter__(self) -> "Pipeline":
+        from p4p.client.thread import Context
+
+        try:
+            self.sim_ioc = IOCProcess(["simdet", "--prefix", self.SIM, "--no-ca"], self.SIM, self.net.slots[0],
+                                      self.net).start()
+            self.rec_ioc = IOCProcess(["ioc", "--prefix", self.REC, "--no-ca"], self.REC, self.net.slots[1],
+                                      self.net).start()
+            self.ctx = Context("pva", conf=self.net.pva_conf(), useenv=False)
+            self.actx = Context("pva", conf=self.net.pva_conf(), useenv=False)  # for the busy Acquire put
+            self.actx.get(self.SIM + "cam1:Acquire")  # connected before anything is timed
+            self.sim(ImageMode="Multiple", DataType="UInt16", Size=self.o.size, ScanPoints=self.scan_points,
+                     AcquirePeriod=0.0)
+            # Backend and BatchSize first: the model is opened with them
+            self.rec(Backend=self.o.backend, BatchSize=self.batch, BacklogLimit=self.backlog, PublishRate=10,
+                     PixelSize=1e-8)
+            self.rec(ModelPath=self.model, InputPV=self.SIM + "Pva1:Image", Enable=1)
+            self.wait_serving(self.model)
+            deadline = time.monotonic() + 30
+            while int(self.get("InputConnected_RBV")) != 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"input not connected: {self.text('Message_RBV')}")
+                time.sleep(0.05)
+            self.backend_used = BACKEND_CHOICES[int(self.get("Backend_RBV"))]
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for c in (self.ctx, self.actx):
+            if c is not None:
+                c.close()
+        for ioc in (self.rec_ioc, self.sim_ioc):
+            if ioc is not None:
+                ioc.stop()
+
+    # -- PV access --
+    def sim(self, **values) -> None:
+        for k, v in values.items():
+            self.ctx.put(f"{self.SIM}cam1:{k}", v, wait=True)
+
+    def rec(self, **values) -> None:
+        for k, v in values.items():
+            self.ctx.put(self.REC + k, v, wait=True)
+
+    def get(self, name: str):
+        return self.ctx.get(self.REC + name)
+
+    def text(self, name: str) -> str:
+        return self.get(name).raw["value"]
+
+    def counters(self) -> dict[str, int]:
+        values = self.ctx.get([f"{self.REC}{k}_RBV" for k in self.COUNTERS])
+        return {k: int(v) for k, v in zip(self.COUNTERS, values)}
+
+    def serving(self, path: str) -> bool:
+        """ModelStatus_RBV Ready and ModelPath_RBV ``path`` (the inference loop has taken it)."""
+        status, rbv = self.ctx.get([self.REC + "ModelStatus_RBV", self.REC + "ModelPath_RBV"])
+        if int(status) == 3:
+            raise RuntimeError(f"model load failed: {self.text('Message_RBV')}")
+        return int(status) == 2 and rbv.raw["value"] == path
+
+    def wait_serving(self, path: str, timeout: float = 120.0) -> float:
+        """Poll until ``path`` is serving; returns the time (perf_counter) it was first seen."""
+        deadline = time.monotonic() + timeout
+        while not self.serving(path):
             if time.monotonic() > deadline:
-                raise RuntimeError(ctx.get("BENCH:NN:Message_RBV"))
-            time.sleep(0.1)
-        for k, v in {"ImageMode": "Multiple", "NumImages": n, "ScanPoints": min(n, 4000), "AcquirePeriod": 0.0}.items():
-            ctx.put(f"BENCH:SIM:cam1:{k}", v, wait=True)
-        ctx.put("BENCH:SIM:cam1:Acquire", 1, timeout=120)  # warm the cache; these frames are processed too
-        while int(ctx.get("BENCH:NN:Processed_RBV")) < n or int(ctx.get("BENCH:NN:Backlog_RBV")) > 0:
-            time.sleep(0.2)
-        ctx.put("BENCH:NN:ResetCounters", 1, wait=True)
-        ctx.put("BENCH:NN:MosaicReset", 1, wait=True)
-        threading.Thread(target=ctx.put, args=("BENCH:SIM:cam1:Acquire", 1), kwargs={"timeout": 300}, daemon=True).start()
-        t0 = None
-        peak = 0
+                raise RuntimeError(f"{path} not serving after {timeout:.0f} s: {self.text('Message_RBV')}")
+            time.sleep(POLL_S / 4)
+        return time.perf_counter()
+
+    def reset(self) -> None:
+        self.rec(ResetCounters=1, MosaicReset=1)
+
+    # -- acquisitions --
+    def _acquire(self, timeout: float) -> dict:
+        """Put Acquire=1 (completes when simdet has published NumImages) on a thread."""
+        state: dict = {"done": threading.Event(), "t_end": None, "error": None}
+
+        def run() -> None:
+            try:
+                self.actx.put(self.SIM + "cam1:Acquire", 1, timeout=timeout)
+            except Exception as exc:  # reported by stream()
+                state["error"] = exc
+            finally:
+                state["t_end"] = time.perf_counter()
+                state["done"].set()
+
+        threading.Thread(target=run, daemon=True).start()
+        return state
+
+    def warm(self, n: int) -> None:
+        """An untimed acquisition: builds simdet's frame cache and runs the model on real frames."""
+        self.stream(n)
+
+    def stream(self, n: int, period: float = 0.0, during: Callable[[float, dict], None] | None = None) -> Stream:
+        """Zero the counters, acquire ``n`` frames ``period`` s apart (0 = as fast as simdet can) and
+        poll the counters until every frame is received or given up on, and Backlog_RBV is 0.
+
+        ``during(now, counters)`` is called at every poll (now: time.perf_counter()).
+        """
+        self.reset()
+        self.sim(NumImages=n, AcquirePeriod=period)
+        timeout = 120 + 2 * n * max(period, 0.02)
+        t0 = time.perf_counter()
+        acq = self._acquire(timeout)
+        first = last_rx = None
+        peak = at_last = 0
+        prev_rx = -1
         while True:
-            c = {k: int(ctx.get(f"BENCH:NN:{k}_RBV")) for k in ("Received", "Processed", "Dropped", "Rejected", "Backlog")}
+            now = time.perf_counter()
+            c = self.counters()
             peak = max(peak, c["Backlog"])
-            if t0 is None and c["Received"] > 0:
-                t0 = time.perf_counter()
-            if c["Processed"] + c["Dropped"] + c["Rejected"] >= n:
-                break
-            time.sleep(0.02)
-        secs = time.perf_counter() - t0
-        deadline = time.monotonic() + 10  # let the stitch thread finish what inference handed it
-        while int(ctx.get("BENCH:NN:Stitched_RBV")) + int(ctx.get("BENCH:NN:Unpositioned_RBV")) < c["Processed"]:
+            if first is None and c["Received"] > 0:
+                first = now
+            if c["Received"] != prev_rx:
+                prev_rx, last_rx, at_last = c["Received"], now, c["Backlog"]
+            if during is not None:
+                during(now, c)
+            if acq["error"] is not None:
+                raise RuntimeError(f"Acquire failed: {acq['error']}")
+            accounted = c["Processed"] + c["Dropped"] + c["Rejected"] >= c["Received"] and c["Backlog"] == 0
+            if acq["done"].is_set() and accounted and (c["Received"] >= n or now - max(acq["t_end"], last_rx) > 2.0):
+                break  # everything in, or nothing more arrived for 2 s after simdet finished
+            if now - t0 > timeout:
+                raise RuntimeError(f"stream of {n} frames not finished after {timeout:.0f} s: {c}")
+            time.sleep(POLL_S)
+        if first is None:
+            raise RuntimeError(f"no frame of {n} reached the reconstructor: {self.text('Message_RBV')}")
+        time.sleep(0.25)  # one more status scan: latency of the same frames, final counters
+        p50, p99 = float(self.get("LatencyP50_RBV")), float(self.get("LatencyP99_RBV"))
+        return Stream(sent=n, period=period, counters=self.counters(), peak_backlog=peak, backlog_at_last_rx=at_last,
+                      t0=t0, first=first, last_rx=last_rx, done=now, acquired=acq["t_end"], p50_ms=p50, p99_ms=p99)
+
+    def wait_stitched(self, processed: int, timeout: float = 10.0) -> int:
+        """Let the stitch thread finish what inference handed it; returns Stitched_RBV."""
+        deadline = time.monotonic() + timeout
+        while int(self.get("Stitched_RBV")) + int(self.get("Unpositioned_RBV")) < processed:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        p50, p99 = float(ctx.get("BENCH:NN:LatencyP50_RBV")), float(ctx.get("BENCH:NN:LatencyP99_RBV"))
-        row("pipeline", f"simdet -> reconstructor (CPU, batch {batch}), {n} frames 128x128", c["Processed"] / secs,
-            "frames/s", ceiling, "raw ONNX Runtime, same model and batch",
-            note=f"dropped {c['Dropped']}, rejected {c['Rejected']}, peak backlog {peak}, "
-                 f"latency p50 {p50:.0f} ms p99 {p99:.0f} ms (queueing included)")
-        stitched = int(ctx.get("BENCH:NN:Stitched_RBV"))
-        row("pipeline", "frames stitched into the mosaic", stitched, "frames", note=f"of {c['Processed']} processed")
+        return int(self.get("Stitched_RBV"))
+
+
+class ServingWatch(threading.Thread):
+    """Polls every 2 ms, on its own Context (connected when made), until ``path`` is serving:
+    ModelStatus_RBV Ready and ModelPath_RBV ``path``. ``t`` is the time.perf_counter() it was first seen."""
+
+    def __init__(self, p: Pipeline, path: str, timeout: float = 120.0) -> None:
+        from p4p.client.thread import Context
+
+        super().__init__(name="bench-swap-watch", daemon=True)
+        self.names = [p.REC + n for n in ("ModelStatus_RBV", "ModelPath_RBV", "Message_RBV")]
+        self.ctx = Context("pva", conf=p.net.pva_conf(), useenv=False)
+        self.ctx.get(self.names)
+        self.path, self.timeout = path, timeout
+        self.t: float | None = None
+        self.error = ""
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                status, rbv, msg = self.ctx.get(self.names)
+                if int(status) == 3:
+                    self.error = msg.raw["value"]
+                    return
+                if int(status) == 2 and rbv.raw["value"] == self.path:
+                    self.t = time.perf_counter()
+                    return
+                time.sleep(0.002)
+            self.error = f"not serving after {self.timeout:.0f} s"
+        finally:
+            self.ctx.close()
+
+
+def _ceiling_what(backend: str) -> str:
+    return f"raw inference ({backend}), same model and batch"
+
+
+def _check_backend(p: Pipeline, ceiling_backend: str) -> str:
+    """A note when the reconstructor ended up on another backend than the ceiling."""
+    if p.backend_used != ceiling_backend:
+        return f"; WARNING: reconstructor on {p.backend_used}, ceiling on {ceiling_backend}"
+    return ""
+
+
+# -- end-to-end: one burst -----------------------------------------------------------------------
+def bench_pipeline(net: EpicsNet, o: Opts) -> None:
+    n, batch, size = (300 if o.quick else 4000), o.batch, o.size
+    path = model_file(o.tmp, size)
+    ceiling, be = inference_ceiling(path, o.backend, batch, size, o.quick)
+    with Pipeline(net, path, o, batch, backlog=100000, scan_points=min(n, 4000)) as p:
+        p.warm(n)  # these frames are processed too
+        s = p.stream(n)
+        stitched = p.wait_stitched(s.counters["Processed"])
+        warn = _check_backend(p, be)
+    c = s.counters
+    row("pipeline", f"simdet -> reconstructor ({p.backend_used}, batch {batch}), {n} frames {size}x{size}", s.rate,
+        "frames/s", ceiling, _ceiling_what(be),
+        note=f"dropped {c['Dropped']}, rejected {c['Rejected']}, peak backlog {s.peak_backlog}, "
+             f"{s.latency_note()} (queueing included){warn}", **s.data())
+    row("pipeline", "frames stitched into the mosaic", stitched, "frames", note=f"of {c['Processed']} processed",
+        stitched=stitched, processed=c["Processed"])
+
+
+# -- end-to-end: swept input rate ------------------------------------------------------------------
+def bench_sweep(net: EpicsNet, o: Opts) -> None:
+    batch, size = o.batch, o.size
+    path = model_file(o.tmp, size)
+    ceiling, be = inference_ceiling(path, o.backend, batch, size, o.quick)
+    fractions = sorted(o.fractions or (SWEEP_FRACTIONS_QUICK if o.quick else SWEEP_FRACTIONS))
+    step_s = SWEEP_STEP_S_QUICK if o.quick else SWEEP_STEP_S
+    backlog = max(2 * batch, round(SWEEP_BUFFER_S * ceiling))
+    steps: list[tuple[float, float, Stream]] = []
+    with Pipeline(net, path, o, batch, backlog=backlog, scan_points=256 if o.quick else 1000) as p:
+        p.warm(4 * batch)
+        warn = _check_backend(p, be)
+        for f in fractions:
+            rate = f * ceiling
+            n = max(4 * batch, round(rate * step_s))
+            s = p.stream(n, period=1.0 / rate)
+            steps.append((f, rate, s))
+            paced = "" if s.input_rate >= 0.9 * rate else f" (simdet reached only {s.input_rate:.0f}/s)"
+            row("sweep", f"input {rate:.0f} frames/s ({f:g} x ceiling), {n} frames {size}x{size}", s.rate, "frames/s",
+                ceiling, _ceiling_what(be),
+                note=f"sent {n} at {s.input_rate:.0f}/s{paced}; processed {s.counters['Processed']}; {s.lost_note()}; "
+                     f"{s.latency_note()}; peak backlog {s.peak_backlog}/{backlog}{warn}",
+                requested=round(rate, 1), fraction=f, backlog_limit=backlog, **s.data())
+    # sustained: nothing lost *and* the queue stayed at most half full, so processing kept pace and
+    # the queue did not merely absorb a step that a longer acquisition would overflow
+    ok = [(f, r, s) for f, r, s in steps if s.lost == 0 and s.peak_backlog <= SUSTAINED_QUEUE * backlog]
+    if not ok:
+        row("sweep", f"highest input rate sustained with zero loss, BacklogLimit {backlog}", 0.0, "frames/s",
+            ceiling, _ceiling_what(be), note="no rate was sustained without loss", backlog_limit=backlog)
+        return
+    f, r, s = max(ok, key=lambda t: t[1])
+    lossy_below = [f2 for f2, _, s2 in steps if f2 < f and s2.lost]
+    above = [(f2, s2) for f2, _, s2 in steps if f2 > f]
+    nxt = (f"; next rate ({above[0][0]:g} x): lost {above[0][1].lost}, processed {above[0][1].rate:.0f}/s of "
+           f"{above[0][1].input_rate:.0f}/s in, peak backlog {above[0][1].peak_backlog}" if above else
+           "; no higher rate tried")
+    note = (f"requested {r:.0f}/s ({f:g} x ceiling), processed {s.rate:.0f}/s, {s.latency_note()}" + nxt
+            + (f"; but lower rates {lossy_below} lost frames" if lossy_below else ""))
+    row("sweep", f"highest input rate sustained with zero loss, BacklogLimit {backlog}", s.input_rate, "frames/s",
+        ceiling, _ceiling_what(be), note=note, sustained=True, requested=round(r, 1), fraction=f,
+        backlog_limit=backlog)
+
+
+# -- end-to-end: a burst into a large queue --------------------------------------------------------
+def bench_burst(net: EpicsNet, o: Opts) -> None:
+    batch, size = o.batch, o.size
+    n = BURST_FRAMES_QUICK if o.quick else BURST_FRAMES
+    path = model_file(o.tmp, size)
+    ceiling, be = inference_ceiling(path, o.backend, batch, size, o.quick)
+    backlog = min(1_000_000, max(100_000, 2 * n))
+    with Pipeline(net, path, o, batch, backlog=backlog, scan_points=256 if o.quick else 1000) as p:
+        p.warm(4 * batch)
+        s = p.stream(n)
+        warn = _check_backend(p, be)
+    row("burst", f"burst of {n} frames {size}x{size} at simdet's full speed, overall rate", s.rate, "frames/s",
+        ceiling, _ceiling_what(be),
+        note=f"{s.lost_note()}; peak backlog {s.peak_backlog}; input {s.input_rate:.0f}/s; {s.latency_note()}{warn}",
+        backlog_limit=backlog, **s.data())
+    ideal = s.backlog_at_last_rx / ceiling
+    row("burst", "drain time, last frame received to Backlog_RBV 0", s.drain_s, "s", ideal,
+        "raw inference of the backlog left then",
+        note=f"backlog {s.backlog_at_last_rx} when the last frame arrived; resolution 0.1 s (10 Hz status scan)",
+        **s.data())
+
+
+# -- hot model swap while streaming ----------------------------------------------------------------
+def bench_swap(net: EpicsNet, o: Opts) -> None:
+    from ptychostream.infer import load_model_file
+
+    batch, size = o.batch, o.size
+    path, path2 = model_file(o.tmp, size, seed=0), model_file(o.tmp, size, seed=1)
+    ceiling, be = inference_ceiling(path, o.backend, batch, size, o.quick)
+    idle_s = load_time(path2, o.backend, batch)
+    rate = SWAP_FRACTION * ceiling
+    n = max(8 * batch, round(rate * (SWAP_STREAM_S_QUICK if o.quick else SWAP_STREAM_S)))
+    new_id = load_model_file(path2).model_id
+    t: dict[str, float] = {}
+    with Pipeline(net, path, o, batch, backlog=20000, scan_points=256 if o.quick else 1000) as p:
+        p.warm(4 * batch)
+        warn = _check_backend(p, be)
+        watch = ServingWatch(p, path2)
+
+        def during(now: float, c: dict) -> None:
+            if "put" not in t and c["Received"] >= n // 2:
+                t["put"] = time.perf_counter()
+                p.rec(ModelPath=path2)
+                watch.start()
+
+        s = p.stream(n, period=1.0 / rate, during=during)
+        if "put" not in t:
+            watch.ctx.close()
+            raise RuntimeError(f"ModelPath was never put: {s.counters}")
+        watch.join(watch.timeout + 5)
+        if watch.t is None:
+            raise RuntimeError(f"the swap to {path2} did not complete: {watch.error}")
+        t["ready"] = watch.t
+        info = p.text("ModelInfo_RBV")
+    c = s.counters
+    in_stream = t["ready"] <= s.acquired
+    ok = s.lost == 0 and s.balanced and c["Processed"] == n and new_id in info
+    row("swap", f"hot model swap while streaming {rate:.0f} frames/s, {n} frames {size}x{size}: put to serving",
+        t["ready"] - t["put"], "s", idle_s, "idle open + self-test of the same file and backend",
+        note=f"{s.lost_note()}; Received {c['Received']} = Processed {c['Processed']} + Dropped + Rejected + "
+             f"Backlog {c['Backlog']}: {'yes' if s.balanced else 'NO'}; "
+             f"{'swapped while frames streamed' if in_stream else 'swap finished after the stream'}; "
+             f"new model id {new_id} {'in' if new_id in info else 'NOT in'} ModelInfo_RBV; "
+             f"peak backlog {s.peak_backlog}{warn}",
+        swap_s=round(t["ready"] - t["put"], 3), idle_load_s=round(idle_s, 3), swapped_in_stream=in_stream,
+        new_model_serving=new_id in info, ok=ok, **s.data())
+
+
+# -- pvapy: pvapy-ad-sim-server -> pvapy-hpc-consumer ------------------------------------------------
+def _console_script(name: str) -> str | None:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def _stat(text: str, key: str) -> float | None:
+    m = re.search(rf"'{key}': ([-0-9.eE+]+)", text)
+    return float(m.group(1)) if m else None
+
+
+def bench_pvapy(net: EpicsNet, o: Opts) -> None:
+    server, consumer = _console_script("pvapy-ad-sim-server"), _console_script("pvapy-hpc-consumer")
+    if not (server and consumer):
+        print("[pvapy] skipped: pvapy-ad-sim-server / pvapy-hpc-consumer not installed (pip install pvapy)",
+              flush=True)
+        return
+    size = o.size
+    secs = PVAPY_SECONDS_QUICK if o.quick else PVAPY_SECONDS
+    ceiling = pva_ceiling(net, size, 2000 if o.quick else 20000)
+    channel, delay = "BENCH:PVAPY:Image", 3.0
+    # pvAccessCPP clients search only EPICS_PVA_BROADCAST_PORT, which is slot 0's: the server goes there.
+    # The consumer runs its own PVA server (status/control), on slot 2.
+    senv, cenv = dict(os.environ), dict(os.environ)
+    senv.update(net.server_env(net.slots[0]))
+    cenv.update(net.server_env(net.slots[2]))
+    srv = subprocess.Popen([server, "-cn", channel, "-nx", str(size), "-ny", str(size), "-dt", "uint16", "-mn", "0",
+                            "-mx", "1000", "-nf", "16", "-cs", "16", "-fps", "0", "-rt", str(secs), "-std", str(delay),
+                            "-shd", "0", "-rp", "0", "-dc"],
+                           env=senv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    con = subprocess.Popen([consumer, "-ic", channel, "-sqs", str(PVAPY_QUEUE), "-rt", str(delay + secs + 60), "-dc"],
+                           env=cenv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        sout, _ = srv.communicate(timeout=delay + secs + 60)
+        time.sleep(1.0)  # the last frames reach the consumer
+        con.send_signal(signal.SIGINT)  # the consumer prints its statistics on the way out
+        cout, _ = con.communicate(timeout=30)
     finally:
-        ctx.close()
-        rec.stop()
-        sim.stop()
+        for proc in (srv, con):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    m = re.search(r"Published frames:\s*(\d+) @ ([0-9.]+) fps", sout)
+    processed, missed = _stat(cout, "nProcessed"), _stat(cout, "nMissed")
+    rate, first, last = _stat(cout, "processedRate"), _stat(cout, "firstObjectId"), _stat(cout, "lastObjectId")
+    overruns = _stat(cout, "nOverruns") or 0
+    if m is None or processed is None or rate is None:
+        raise RuntimeError(f"pvapy output not understood:\n--- server\n{sout[-2000:]}\n--- consumer\n{cout[-3000:]}")
+    published, pub_rate = int(m.group(1)), float(m.group(2))
+    processed, missed, first, last = int(processed), int(missed or 0), int(first or 0), int(last or 0)
+    lost = published - processed
+    late = f"; consumer joined at uniqueId {first}" if first > 1 else ""
+    row("pvapy", f"pvapy-ad-sim-server -> pvapy-hpc-consumer, {size}x{size} uint16, {secs:g} s", rate, "frames/s",
+        ceiling, "raw p4p server->client",
+        note=f"received {processed}/{published} published ({pub_rate:.0f}/s), uniqueId gaps {missed}, "
+             f"overruns {int(overruns)}, monitor queue {PVAPY_QUEUE}{late}",
+        published=published, published_rate=pub_rate, received=processed, missed=missed, lost=lost,
+        first_id=first, last_id=last, overruns=int(overruns))
 
 
 # -- stitching -----------------------------------------------------------------------------------
-def bench_stitch(quick: bool) -> None:
+def bench_stitch(o: Opts) -> None:
     from ptychostream.sim.scans import scan_positions
     from ptychostream.stitch import Stitcher
 
-    n = 256 if quick else 4000
+    n, size = (256 if o.quick else 4000), o.size
     pixel = 1e-8
-    for canvas in ((1024,) if quick else (2048, 4096)):
+    for canvas in ((1024,) if o.quick else (2048, 4096)):
         pos = scan_positions("spiral", 3 * pixel, n, seed=0)
-        half = (canvas - 130) * pixel / 2
+        half = (canvas - size - 2) * pixel / 2
         pos = np.clip(pos, -half, half)
         rng = np.random.default_rng(0)
-        phase = rng.uniform(-1, 1, (64, 128, 128)).astype(np.float32)
-        st = Stitcher(pixel, (128, 128), extent_m=(-canvas * pixel / 2, canvas * pixel / 2,
-                                                   -canvas * pixel / 2, canvas * pixel / 2), max_canvas_px=canvas + 8)
+        phase = rng.uniform(-1, 1, (64, size, size)).astype(np.float32)
+        st = Stitcher(pixel, (size, size), extent_m=(-canvas * pixel / 2, canvas * pixel / 2,
+                                                     -canvas * pixel / 2, canvas * pixel / 2), max_canvas_px=canvas + 8)
         st.add(phase[:8], pos[:8])
         t0 = time.perf_counter()
         for k in range(0, n, 64):
@@ -245,27 +739,99 @@ def bench_stitch(quick: bool) -> None:
         st.mosaic(reuse=True)
         st.mosaic(reuse=True)
         ms = (time.perf_counter() - t1) / 2 * 1e3
-        row("stitch", f"Stitcher.add, 128x128 patches, batch 64, {canvas}x{canvas} canvas", rate, "patches/s",
-            note=f"mosaic() {ms:.0f} ms")
+        row("stitch", f"Stitcher.add, {size}x{size} patches, batch 64, {canvas}x{canvas} canvas", rate, "patches/s",
+            note=f"mosaic() {ms:.0f} ms", mosaic_ms=round(ms, 1))
+
+
+# -- plot ------------------------------------------------------------------------------------------
+def plot_sweep(png: str, title: str) -> None:
+    """Achieved rate and lost frames, and p50/p99 latency, against the input rate of the sweep."""
+    steps = [r for r in ROWS if r["bench"] == "sweep" and "fraction" in r["data"] and "sent" in r["data"]]
+    if not steps:
+        print(f"--plot {png}: no sweep in this run (add sweep to --only)", flush=True)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["data"]["input_rate"] for r in steps]
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    ax.plot(x, [r["value"] for r in steps], "o-", label="processed (achieved)")
+    ax.plot(x, x, ":", color="grey", label="processed = input")
+    ax.axhline(steps[0]["ceiling"], ls="--", color="C2", label=steps[0]["ceiling_what"])
+    ax.set_xlabel("input rate (frames/s)")
+    ax.set_ylabel("frames/s")
+    ax.set_ylim(bottom=0)
+    lost = ax.twinx()
+    lost.plot(x, [r["data"]["lost"] for r in steps], "s--", color="C3", label="lost frames")
+    lost.set_ylabel("frames lost (dropped + rejected + not received)", color="C3")
+    lost.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()
+    more = lost.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], loc="upper left", fontsize=8)
+    ax.set_title("rate and loss")
+    lat.plot(x, [max(r["data"]["p50_ms"], 1e-3) for r in steps], "o-", label="LatencyP50_RBV")
+    lat.plot(x, [max(r["data"]["p99_ms"], 1e-3) for r in steps], "s-", label="LatencyP99_RBV")
+    lat.set_yscale("log")
+    lat.set_xlabel("input rate (frames/s)")
+    lat.set_ylabel("latency (ms)")
+    lat.legend(fontsize=8)
+    lat.set_title("latency (queue entry to inference done)")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"sweep plot: {png}", flush=True)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in text.split(","))
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("fractions must be positive numbers, e.g. 0.25,0.5,1,1.5")
+    return values
+
+
+def _size(text: str) -> int:
+    size = int(text)
+    if size < 16 or size % 16:
+        raise argparse.ArgumentTypeError("--size must be a multiple of 16 (the model halves it 4 times), e.g. 64 or 128")
+    return size
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the harness")
-    ap.add_argument("--only", default="simdet,pipeline,stitch", help="comma-separated benchmarks")
+    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated benchmarks (default: all of "
+                                                              f"{','.join(BENCHES)})")
+    ap.add_argument("--backend", default="ONNXRuntime-CPU", choices=BACKEND_CHOICES,
+                    help="the reconstructor's Backend, also used for the inference ceiling (default ONNXRuntime-CPU)")
+    ap.add_argument("--size", type=_size, default=128, help="frame (and model input) size in pixels (default 128)")
+    ap.add_argument("--fractions", type=_fractions, help="sweep input rates as fractions of the inference ceiling "
+                                                          f"(default {','.join(map(str, SWEEP_FRACTIONS))}; "
+                                                          f"--quick {','.join(map(str, SWEEP_FRACTIONS_QUICK))})")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--plot", metavar="FILE.png", help="plot the sweep (rate, loss and latency against input rate)")
     args = ap.parse_args(argv)
-    only = set(args.only.split(","))
-    print(f"# machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-          flush=True)
+    only = [b for b in args.only.split(",") if b]
+    unknown = set(only) - set(BENCHES)
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
+    reason = backend_unavailable_reason(args.backend)
+    if reason is not None and set(only) & {"pipeline", "sweep", "burst", "swap"}:
+        ap.error(f"--backend {args.backend} cannot run here: {reason}")
+    machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
+               f"backend {args.backend}, {args.size}x{args.size} frames")
+    print(f"# machine: {machine}", flush=True)
     net = EpicsNet(4)
     with tempfile.TemporaryDirectory() as tmp:
-        if "simdet" in only:
-            bench_simdet(net, args.quick)
-        if "pipeline" in only:
-            bench_pipeline(net, args.quick, Path(tmp))
-        if "stitch" in only:
-            bench_stitch(args.quick)
+        o = Opts(quick=args.quick, backend=args.backend, size=args.size, tmp=Path(tmp), fractions=args.fractions)
+        for bench in BENCHES:
+            if bench not in only:
+                continue
+            if bench == "stitch":
+                bench_stitch(o)
+            else:
+                globals()[f"bench_{bench}"](net, o)
     print("\n| bench | what | value | ceiling (same run) | ratio | note |\n|---|---|---|---|---|---|")
     for r in ROWS:
         ceil = f"{r['ceiling']} ({r['ceiling_what']})" if r["ceiling"] else ""
@@ -273,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['bench']} | {r['what']} | {r['value']} {r['unit']} | {ceil} | {ratio} | {r['note']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(ROWS, indent=1))
+    if args.plot:
+        plot_sweep(args.plot, machine)
     return 0
 
 
