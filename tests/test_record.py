@@ -47,6 +47,15 @@ def send(raw, n, first=1):
     return frames
 
 
+def write_product(path, seed: int):
+    """A Ptychodus-like product: a random 256x256 phase object with a 10 nm pixel."""
+    obj = np.exp(1j * np.random.default_rng(seed).uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
+    with h5py.File(path, "w") as fh:
+        fh["object"] = obj
+        fh["object"].attrs["pixel_width_m"] = 1e-8
+    return path, obj
+
+
 def test_capture_writes_results_positions_frames_and_mosaic(ioc):
     proc, ctx, raw, d = ioc
     path = d / "record.h5"
@@ -101,12 +110,7 @@ def test_training_pairs_from_record_and_product(ioc, tmp_path):
     path = d / "record.h5"  # written by the first test
     if not path.exists():
         pytest.skip("needs the capture test's record")
-    rng = np.random.default_rng(0)
-    obj = np.exp(1j * rng.uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
-    product = tmp_path / "product.h5"
-    with h5py.File(product, "w") as fh:
-        fh["object"] = obj
-        fh["object"].attrs["pixel_width_m"] = 1e-8
+    product, obj = write_product(tmp_path / "product.h5", seed=0)
     out = tmp_path / "pairs.npz"
     assert training_pairs(str(path), str(product), str(out)) == 20
     with np.load(out) as z:
@@ -126,11 +130,7 @@ def test_retrain_on_captured_pairs_and_hot_swap_through_modelpath(ioc, tmp_path)
     path = d / "record.h5"  # written by the capture test
     if not path.exists():
         pytest.skip("needs the capture test's record")
-    obj = np.exp(1j * np.random.default_rng(1).uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
-    product = tmp_path / "product.h5"
-    with h5py.File(product, "w") as fh:
-        fh["object"] = obj
-        fh["object"].attrs["pixel_width_m"] = 1e-8
+    product, _ = write_product(tmp_path / "product.h5", seed=1)
     pairs = tmp_path / "pairs.npz"
     assert training_pairs(str(path), str(product), str(pairs)) == 20
     model = tmp_path / "retrained.onnx"

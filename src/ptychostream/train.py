@@ -856,16 +856,8 @@ def _save_checkpoint(torch: Any, folder: Path, state: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_init(cfg: TrainConfig, facts: dict[str, Any]) -> None:
-    """The --init model must take the same input as this run (pre-processing, pixel)."""
+def _check_init(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
+    """The --init model must take the same input as this run (pre-processing, pixel); returns its ModelInfo."""
     from .infer import ModelError, load_model_file
 
     try:
@@ -882,6 +874,7 @@ def _check_init(cfg: TrainConfig, facts: dict[str, Any]) -> None:
     if info.pixel_m and facts["pixel_m"] and abs(info.pixel_m / facts["pixel_m"] - 1) > 1e-3:
         raise TrainError(f"--init {cfg.init}: its object pixel is {info.pixel_m:.4g} m, this run's is "
                          f"{facts['pixel_m']:.4g} m")
+    return info
 
 
 def _check_output_path(path: Path) -> None:
@@ -1058,8 +1051,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     src, facts = _make_source(cfg)
     out = facts["out"]
-    if cfg.init:
-        _check_init(cfg, facts)
+    parent = _check_init(cfg, facts) if cfg.init else None
     # channels-last convolutions run about 1.7x faster on CPUs (oneDNN) and suit tensor cores
     net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out).to(
         device, memory_format=torch.channels_last)
@@ -1102,11 +1094,11 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
         return d
 
     init_info = None
-    if cfg.init and state is None:
+    if parent is not None and state is None:
         diff = warm_start(net, cfg.init, to_dev(val if val is not None else src.batch(0, cfg.batch))["x"])
         if not diff <= 1e-3:
             raise TrainError(f"--init {cfg.init}: the network does not reproduce the file (max |diff| {diff:.3g})")
-        init_info = {"file": Path(cfg.init).name, "sha256": _file_sha(Path(cfg.init)), "max_abs_diff": diff}
+        init_info = {"file": Path(cfg.init).name, "sha256": parent.sha256, "max_abs_diff": diff}
         say(f"starting from {cfg.init} (reproduced to {diff:.2g})")
     elif state is not None:
         init_info = state.get("init")
