@@ -47,13 +47,19 @@ def send(raw, n, first=1):
     return frames
 
 
-def write_product(path, seed: int):
-    """A Ptychodus-like product: a random 256x256 phase object with a 10 nm pixel."""
+def recorded_pairs(folder, tmp_path, seed: int):
+    """Training pairs from the capture test's record and a Ptychodus-like product (a random
+    256x256 phase object, 10 nm pixel); returns (pairs path, number of pairs, object)."""
+    path = folder / "record.h5"  # written by the capture test
+    if not path.exists():
+        pytest.skip("needs the capture test's record")
     obj = np.exp(1j * np.random.default_rng(seed).uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
-    with h5py.File(path, "w") as fh:
+    product = tmp_path / "product.h5"
+    with h5py.File(product, "w") as fh:
         fh["object"] = obj
         fh["object"].attrs["pixel_width_m"] = 1e-8
-    return path, obj
+    out = tmp_path / "pairs.npz"
+    return out, training_pairs(str(path), str(product), str(out)), obj
 
 
 def test_capture_writes_results_positions_frames_and_mosaic(ioc):
@@ -107,12 +113,8 @@ def test_capture_refuses_unwritable_path_and_keeps_running(ioc):
 
 def test_training_pairs_from_record_and_product(ioc, tmp_path):
     proc, ctx, raw, d = ioc
-    path = d / "record.h5"  # written by the first test
-    if not path.exists():
-        pytest.skip("needs the capture test's record")
-    product, obj = write_product(tmp_path / "product.h5", seed=0)
-    out = tmp_path / "pairs.npz"
-    assert training_pairs(str(path), str(product), str(out)) == 20
+    out, n, obj = recorded_pairs(d, tmp_path, seed=0)
+    assert n == 20
     with np.load(out) as z:
         assert z["reciprocal"].shape == (20, 64, 64) and z["real"].shape == (20, 64, 64)
         assert z["real"].dtype == np.complex64 and float(z["pixelsize"]) == 1e-8
@@ -127,12 +129,8 @@ def test_retrain_on_captured_pairs_and_hot_swap_through_modelpath(ioc, tmp_path)
     from ptychostream.train import TrainConfig, train
 
     proc, ctx, raw, d = ioc
-    path = d / "record.h5"  # written by the capture test
-    if not path.exists():
-        pytest.skip("needs the capture test's record")
-    product, _ = write_product(tmp_path / "product.h5", seed=1)
-    pairs = tmp_path / "pairs.npz"
-    assert training_pairs(str(path), str(product), str(pairs)) == 20
+    pairs, n, _ = recorded_pairs(d, tmp_path, seed=1)
+    assert n == 20
     model = tmp_path / "retrained.onnx"
     summary = train(TrainConfig(output=str(model), data=(str(pairs),), size=64, depth=2, base_channels=4,
                                 output_size=64, epochs=2, batch=8, threads=1, val=0), progress=False,
