@@ -18,6 +18,7 @@ float32 arrays the caller may keep.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -79,6 +80,7 @@ def _module(name: str):
     return importlib.import_module(_MODULES[name], __name__)
 
 
+@functools.lru_cache(maxsize=1)
 def cuda_driver_reason() -> str | None:
     """Why no CUDA GPU can be used here, found without importing a GPU framework; None if a
     driver library is present (the GPU backends then check the device themselves)."""

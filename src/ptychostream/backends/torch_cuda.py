@@ -2,7 +2,9 @@
 
 A model written by ``ptychostream train`` records its layout, so the module is rebuilt by the
 training code (:func:`ptychostream.train.net_from_onnx`) with the file's weights; any other
-ONNX file is converted with onnx2torch.  One CUDA graph is captured per batch bucket (powers of two up to the batch size,
+ONNX file is converted with onnx2torch.
+
+One CUDA graph is captured per batch bucket (powers of two up to the batch size,
 or the fixed ONNX batch); a chunk is padded up to its bucket. onnx2torch's Resize
 module calls ``scales.tolist()`` on every forward, which syncs with the host and
 breaks graph capture, so Resize modules whose scales/sizes are constants are
