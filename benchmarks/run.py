@@ -319,6 +319,15 @@ class Stream:
                 "drain_s": round(self.drain_s, 3), "p50_ms": self.p50_ms, "p99_ms": self.p99_ms}
 
 
+def serving(ctx, rec: str, path: str) -> bool:
+    """The reconstructor ``rec`` serves ``path``: ModelStatus_RBV Ready and ModelPath_RBV ``path``;
+    RuntimeError with its message if the load failed."""
+    status, rbv, msg = ctx.get([rec + "ModelStatus_RBV", rec + "ModelPath_RBV", rec + "Message_RBV"])
+    if int(status) == 3:
+        raise RuntimeError(f"model load failed: {msg.raw['value']}")
+    return int(status) == 2 and rbv.raw["value"] == path
+
+
 class Pipeline:
     """simdet (slot 0) -> reconstructor (slot 1), configured, model Ready and input connected.
 
@@ -394,10 +403,7 @@ class Pipeline:
 
     def serving(self, path: str) -> bool:
         """ModelStatus_RBV Ready and ModelPath_RBV ``path`` (the inference loop has taken it)."""
-        status, rbv = self.ctx.get([self.REC + "ModelStatus_RBV", self.REC + "ModelPath_RBV"])
-        if int(status) == 3:
-            raise RuntimeError(f"model load failed: {self.text('Message_RBV')}")
-        return int(status) == 2 and rbv.raw["value"] == path
+        return serving(self.ctx, self.REC, path)
 
     def wait_serving(self, path: str, timeout: float = 120.0) -> float:
         """Poll until ``path`` is serving; returns the time (perf_counter) it was first seen."""
@@ -489,9 +495,9 @@ class ServingWatch(threading.Thread):
         from p4p.client.thread import Context
 
         super().__init__(name="bench-swap-watch", daemon=True)
-        self.names = [p.REC + n for n in ("ModelStatus_RBV", "ModelPath_RBV", "Message_RBV")]
+        self.rec = p.REC
         self.ctx = Context("pva", conf=p.net.pva_conf(), useenv=False)
-        self.ctx.get(self.names)
+        serving(self.ctx, self.rec, "")  # connected before the swap is timed
         self.path, self.timeout = path, timeout
         self.t: float | None = None
         self.error = ""
@@ -500,15 +506,13 @@ class ServingWatch(threading.Thread):
         deadline = time.monotonic() + self.timeout
         try:
             while time.monotonic() < deadline:
-                status, rbv, msg = self.ctx.get(self.names)
-                if int(status) == 3:
-                    self.error = msg.raw["value"]
-                    return
-                if int(status) == 2 and rbv.raw["value"] == self.path:
+                if serving(self.ctx, self.rec, self.path):
                     self.t = time.perf_counter()
                     return
                 time.sleep(0.002)
             self.error = f"not serving after {self.timeout:.0f} s"
+        except RuntimeError as exc:  # the load failed
+            self.error = str(exc)
         finally:
             self.ctx.close()
 

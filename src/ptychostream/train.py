@@ -952,26 +952,17 @@ def load_conv_weights(net: Any, model: Any, what: str = "model") -> None:
             mod.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))
 
 
-def net_from_onnx(path: str | Path, config: dict[str, Any] | None = None) -> Any:
+def net_from_onnx(path: str | Path, config: dict[str, Any]) -> Any:
     """The torch module of a model this command exported: :func:`build_net` with the layout
-    recorded in its metadata (``ptychostream.training`` → ``net``), without BatchNorm (the
-    export folded it), and the file's weights.  Used by the PyTorch backend."""
-    model = _read_onnx(path, "model")
-    if config is None:
-        meta = {p.key: p.value for p in model.metadata_props}
-        try:
-            config = json.loads(meta.get("ptychostream.training", "{}")).get("net")
-        except (ValueError, AttributeError):
-            config = None
-    if not isinstance(config, dict):
-        raise TrainError(f"{path} does not record its network layout (ptychostream.training.net); "
-                         "it was not written by ptychostream train")
+    ``config`` (the ``net`` entry of its ``ptychostream.training`` metadata, as
+    ``ModelInfo.training`` holds it), without BatchNorm (the export folded it), and the file's
+    weights.  Used by the PyTorch backend."""
     try:
         net = build_net(int(config["size"]), int(config["base_channels"]), int(config["depth"]),
                         tuple(config["heads"]), int(config["output_size"]), batchnorm=False)
     except (KeyError, TypeError, ValueError) as exc:
         raise TrainError(f"{path}: unusable network layout {config!r} ({exc})") from None
-    load_conv_weights(net, model, str(path))
+    load_conv_weights(net, _read_onnx(path, "model"), str(path))
     return net.eval()
 
 
