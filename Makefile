@@ -22,7 +22,7 @@ $(TRAIN_STAMP): $(STAMP)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ptychostream.demo $(DEMO_ARGS)
+	$(PY) -m ptychostream.cli.demo $(DEMO_ARGS)
 
 test: $(STAMP) $(TRAIN_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

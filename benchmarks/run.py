@@ -42,9 +42,8 @@ from typing import Callable
 
 import numpy as np
 
-from ptychostream.backends import BACKEND_CHOICES, backend_unavailable_reason
-from ptychostream.launch import IOCProcess
-from ptychostream.loopback import EpicsNet
+from ptychostream.model.backends import BACKEND_CHOICES, backend_unavailable_reason
+from ptychostream.testing import EpicsNet, IOCProcess
 
 BENCHES = ("simdet", "pipeline", "stitch", "sweep", "burst", "swap", "pvapy")
 
@@ -211,7 +210,7 @@ def bench_simdet(net: EpicsNet, o: Opts) -> None:
 # -- models and the inference ceiling ----------------------------------------------------------
 def model_file(tmp: Path, size: int = 128, seed: int = 0) -> str:
     """The 0.73 M-parameter PtychoNN-class edge net for ``size`` frames (``seed``: other weights, another id)."""
-    from ptychostream.modelzoo import build_ptychonn_onnx
+    from ptychostream.model.zoo import build_ptychonn_onnx
 
     path = tmp / f"edge{size}-{seed}.onnx"
     if path.exists():
@@ -221,7 +220,7 @@ def model_file(tmp: Path, size: int = 128, seed: int = 0) -> str:
 
 def open_like_reconstructor(path: str, backend: str, batch: int):
     """Open a model file as the reconstructor's loader does (same backend options), self-tested."""
-    from ptychostream.infer import open_model
+    from ptychostream.model.infer import open_model
 
     model = open_model(path, backend=backend, batch_size=batch, spinning=False)
     model.selftest()
@@ -614,7 +613,7 @@ def bench_burst(net: EpicsNet, o: Opts) -> None:
 
 # -- hot model swap while streaming ----------------------------------------------------------------
 def bench_swap(net: EpicsNet, o: Opts) -> None:
-    from ptychostream.infer import load_model_file
+    from ptychostream.model.infer import load_model_file
 
     batch, size = o.batch, o.size
     path, path2 = model_file(o.tmp, size, seed=0), model_file(o.tmp, size, seed=1)
@@ -720,8 +719,8 @@ def bench_pvapy(net: EpicsNet, o: Opts) -> None:
 
 # -- stitching -----------------------------------------------------------------------------------
 def bench_stitch(o: Opts) -> None:
+    from ptychostream.mosaic.stitch import Stitcher
     from ptychostream.sim.scans import scan_positions
-    from ptychostream.stitch import Stitcher
 
     n, size = (256 if o.quick else 4000), o.size
     pixel = 1e-8

@@ -11,9 +11,8 @@ import os
 import time
 from pathlib import Path
 
-
-from ptychostream.launch import IOCProcess as _IOCProcess
-from ptychostream.loopback import EpicsNet, Slot
+from ptychostream.testing import EpicsNet, Slot
+from ptychostream.testing import IOCProcess as _IOCProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SLOTS = 8

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import IOCProcess, next_slot, pva_client_conf, wait_for
 
 pytest.importorskip("bluesky", reason="needs the 'bluesky' extra")
 pytest.importorskip("ophyd_async", reason="needs the 'bluesky' extra")
 
-from ptychostream.pvdb import load_db  # noqa: E402
+from ptychostream.core.pvdb import load_db  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 R = "TST:BS:NN:"
@@ -61,7 +60,7 @@ def iocs():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from ptychostream.modelzoo import build_ptychonn_onnx
+    from ptychostream.model.zoo import build_ptychonn_onnx
 
     d = tmp_path_factory.mktemp("bsmodels")
     garbage = d / "garbage.onnx"
@@ -194,7 +193,12 @@ def test_missing_model_path_raises(devices, RE, ctx, models):
 
 
 def test_unconnected_input_and_timeouts_are_clear_and_disable(devices, RE, ctx, models):
-    from ptychostream.bluesky import InputNotConnected, ScanTimeout, live_ptycho_scan, wait_drained
+    from ptychostream.bluesky import (
+        InputNotConnected,
+        ScanTimeout,
+        live_ptycho_scan,
+        wait_drained,
+    )
 
     recon, det = devices
     ctx.put(R + "InputPV", "TST:BS:NOBODY:Image", wait=True)

@@ -17,12 +17,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from ptychostream.backends import (
-    BACKEND_CHOICES, Backend, BackendError, available_backends, open_backend,
+from ptychostream.model.backends import (
+    BACKEND_CHOICES,
+    Backend,
+    BackendError,
+    available_backends,
+    open_backend,
 )
-from ptychostream.infer import META_KEYS, ModelError, load_model_file, open_model
-from ptychostream.modelzoo import build_ptychonn_onnx, param_count
-from ptychostream.preprocess import Preprocess
+from ptychostream.model.infer import META_KEYS, ModelError, load_model_file, open_model
+from ptychostream.model.preprocess import Preprocess
+from ptychostream.model.zoo import build_ptychonn_onnx, param_count
 
 SMALL = dict(size=64, base_channels=8, depth=3)
 
@@ -299,7 +303,7 @@ def test_open_model_missing_file_is_model_error(tmp_path):
 
 def test_backend_modules_import_without_their_libraries():
     for mod in ("onnxrt", "tensorrt", "torch_cuda"):
-        importlib.import_module(f"ptychostream.backends.{mod}")
+        importlib.import_module(f"ptychostream.model.backends.{mod}")
     assert BACKEND_CHOICES == ("Auto", "ONNXRuntime-CPU", "TensorRT", "PyTorch-CUDA")
     assert "ONNXRuntime-CPU" in available_backends()
 
@@ -408,7 +412,7 @@ def test_selftest_catches_non_finite_output(tmp_path):
 # -- GPU backends (run only where they are installed) -------------------------------------------
 
 def _gpu_or_skip(name):
-    from ptychostream.backends import backend_unavailable_reason
+    from ptychostream.model.backends import backend_unavailable_reason
 
     reason = backend_unavailable_reason(name)
     if reason:
@@ -491,11 +495,11 @@ def test_torch_cuda_runs_trained_models_without_onnx2torch(tmp_path):
 
 def test_no_driver_is_found_without_importing_torch():
     """Auto must not spend seconds importing torch on a machine with no NVIDIA driver."""
-    from ptychostream.backends import cuda_driver_reason
+    from ptychostream.model.backends import cuda_driver_reason
 
     if cuda_driver_reason() is None:
         pytest.skip("an NVIDIA driver is present here")
-    code = ("import sys; from ptychostream.backends import backend_unavailable_reason as r; "
+    code = ("import sys; from ptychostream.model.backends import backend_unavailable_reason as r; "
             "print(r('PyTorch-CUDA')); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split("\n")
     assert out[0].startswith("no CUDA GPU") and "driver" in out[0]

@@ -9,17 +9,25 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    CLIENT_ENV,
+    IOCProcess,
+    next_slot,
+    pva_client_conf,
+    server_env,
+    text,
+    wait_for,
+)
 
-from conftest import CLIENT_ENV, IOCProcess, next_slot, pva_client_conf, server_env, text, wait_for
-from ptychostream.docs import pv_table
-from ptychostream.pvdb import PutError, load_db
+from ptychostream.core.pvdb import PutError, load_db
+from ptychostream.screens import pv_table
 
 pytestmark = pytest.mark.system
 
@@ -322,7 +330,7 @@ def test_config_file_sets_startup_values(tmp_path):
 
 def test_subscribe_replay_gives_values_changed_before_the_front_end_subscribed():
     """A front end built from a snapshot must not miss a change made before it subscribed."""
-    from ptychostream.device import DeviceState
+    from ptychostream.core.device import DeviceState
 
     dev = DeviceState(DB)
     dev.set("InputConnected_RBV", 1)  # e.g. a monitor connecting while the PVA server is being built

@@ -6,13 +6,20 @@ import time
 
 import numpy as np
 import pytest
+from conftest import (
+    IOCProcess,
+    next_slot,
+    put_in_background,
+    pva_client_conf,
+    text,
+    wait_for,
+)
 from skimage.metrics import structural_similarity
 
-from conftest import IOCProcess, next_slot, pva_client_conf, put_in_background, text, wait_for
-from ptychostream.device import DeviceState, ImageFrame
-from ptychostream.mosaic import MosaicStage
-from ptychostream.publish import BatchResult
-from ptychostream.pvdb import load_db
+from ptychostream.core.device import DeviceState
+from ptychostream.core.frames import BatchResult, ImageFrame
+from ptychostream.core.pvdb import load_db
+from ptychostream.pipeline.stitch import MosaicStage
 from ptychostream.sim.forward import Geometry, Simulator
 from ptychostream.sim.objects import make_object
 from ptychostream.sim.probes import make_probe
@@ -177,7 +184,7 @@ def test_no_pixel_size_is_explained(scan):
 def test_end_to_end_simdet_to_mosaic_pv(tmp_path):
     from p4p.client.thread import Context
 
-    from ptychostream.modelzoo import build_ptychonn_onnx
+    from ptychostream.model.zoo import build_ptychonn_onnx
 
     model = build_ptychonn_onnx(str(tmp_path / "m.onnx"), size=128, heads=("amplitude", "phase"),
                                 base_channels=4, depth=2)
@@ -246,7 +253,7 @@ def test_motor_readbacks_matched_by_timestamp(scan):
 
 def test_trajectory_file_by_frame_number(scan, tmp_path):
     """A CSV trajectory indexed by frame number gives the same mosaic as attributes."""
-    from ptychostream.mosaic import load_trajectory
+    from ptychostream.pipeline.stitch import load_trajectory
 
     sim, obj, pos, phase, amp = scan
     csv = tmp_path / "traj.csv"

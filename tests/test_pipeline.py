@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
+from conftest import (
+    IOCProcess,
+    next_slot,
+    put_in_background,
+    pva_client_conf,
+    text,
+    wait_for,
+)
 
-from conftest import IOCProcess, next_slot, pva_client_conf, put_in_background, text, wait_for
-from ptychostream.device import ImageFrame
-from ptychostream.modelzoo import build_ptychonn_onnx
-from ptychostream.ntnd import encode
+from ptychostream.core.frames import ImageFrame
+from ptychostream.model.zoo import build_ptychonn_onnx
+from ptychostream.protocols.ntnd import encode
 
 pytestmark = pytest.mark.system
 

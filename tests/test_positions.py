@@ -6,8 +6,12 @@ import h5py
 import numpy as np
 import pytest
 
-from ptychostream.positions import (PatternPositions, PositionJoiner, TimestampMatcher,
-                                    trajectory_from_file)
+from ptychostream.mosaic.positions import (
+    PatternPositions,
+    PositionJoiner,
+    TimestampMatcher,
+    trajectory_from_file,
+)
 
 N = 200
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ptychostream.preprocess import Preprocess, finite_mask
+from ptychostream.model.preprocess import Preprocess, finite_mask
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import IOCProcess, next_slot, pva_client_conf, text, wait_for
-from ptychostream.device import ImageFrame
-from ptychostream.modelzoo import build_ptychonn_onnx
-from ptychostream.ntnd import encode
-from ptychostream.record import read_record, training_pairs
+
+from ptychostream.core.frames import ImageFrame
+from ptychostream.model.zoo import build_ptychonn_onnx
+from ptychostream.pipeline.record import read_record, training_pairs
+from ptychostream.protocols.ntnd import encode
 
 pytestmark = pytest.mark.system
 R = "TST:REC:"

@@ -11,9 +11,25 @@ import numpy as np
 import pytest
 from scipy.ndimage import shift as nd_shift
 
-from ptychostream.score import (ScoreError, add_score_parser, frc, half_bit_threshold, illumination_mask,
-                                load_mosaic, place_truth, remove_plane, score_files, score_phase)
-from ptychostream.sim import Geometry, Simulator, make_object, make_probe, write_truth_h5
+from ptychostream.quality.score import (
+    ScoreError,
+    add_score_parser,
+    frc,
+    half_bit_threshold,
+    illumination_mask,
+    load_mosaic,
+    place_truth,
+    remove_plane,
+    score_files,
+    score_phase,
+)
+from ptychostream.sim import (
+    Geometry,
+    Simulator,
+    make_object,
+    make_probe,
+    write_truth_h5,
+)
 
 
 def truth_image(n: int = 160, seed: int = 1) -> np.ndarray:

@@ -13,10 +13,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import IOCProcess, next_slot, pva_client_conf, wait_for
+
 from ptychostream import screens
-from ptychostream.pvdb import load_db
+from ptychostream.core.pvdb import load_db
 
 ROOT = Path(__file__).resolve().parents[1]
 OPI = ROOT / "opi"
@@ -245,7 +245,7 @@ def live(tmp_path_factory):
     pytest.importorskip("pydm", reason="needs pydm and a Qt binding")
     from p4p.client.thread import Context
 
-    from ptychostream.modelzoo import build_ptychonn_onnx
+    from ptychostream.model.zoo import build_ptychonn_onnx
 
     model = build_ptychonn_onnx(str(tmp_path_factory.mktemp("models") / "ptychonn-edge-128.onnx"), size=128,
                                 heads=("phase",), base_channels=8, depth=3)

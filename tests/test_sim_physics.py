@@ -9,9 +9,23 @@ import numpy as np
 import pytest
 
 from ptychostream.sim import (
-    DTYPES, OBJECT_KINDS, PROBE_KINDS, Geometry, Simulator, extract_patches, far_field, load_frames,
-    load_object, load_probe, make_object, make_probe, read_truth_h5, scan_extent_px, scan_positions,
-    unshifted, write_truth_h5,
+    DTYPES,
+    OBJECT_KINDS,
+    PROBE_KINDS,
+    Geometry,
+    Simulator,
+    extract_patches,
+    far_field,
+    load_frames,
+    load_object,
+    load_probe,
+    make_object,
+    make_probe,
+    read_truth_h5,
+    scan_extent_px,
+    scan_positions,
+    unshifted,
+    write_truth_h5,
 )
 from ptychostream.sim.objects import seven_segment_mask
 from ptychostream.sim.scans import GOLDEN_ANGLE_DEG

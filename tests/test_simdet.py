@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import SLOTS, IOCProcess, put_in_background, text, wait_for
 
 pytestmark = pytest.mark.system
@@ -27,9 +26,8 @@ def simdet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ctx():
-    from p4p.client.thread import Context
-
     from conftest import pva_client_conf
+    from p4p.client.thread import Context
 
     c = Context("pva", conf=pva_client_conf(), useenv=False)
     yield c
@@ -49,9 +47,8 @@ def acquire(ctx, timeout=60):
 def own_context():
     """Monitors get their own Context: p4p shares one NT unwrapper per Context across threads,
     so concurrent monitors of different NT types on one Context can be unwrapped wrongly."""
-    from p4p.client.thread import Context
-
     from conftest import pva_client_conf
+    from p4p.client.thread import Context
 
     return Context("pva", conf=pva_client_conf(), useenv=False)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from ptychostream.stitch import MosaicImage, Stitcher
+from ptychostream.mosaic.stitch import MosaicImage, Stitcher
 
 PX = 10e-9  # 10 nm pixels
 OBJ = 384

@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptychostream.infer import open_model
-from ptychostream.sim import Geometry, Simulator, make_object, make_probe, scan_positions
+from ptychostream.model.infer import open_model
+from ptychostream.sim import (
+    Geometry,
+    Simulator,
+    make_object,
+    make_probe,
+    scan_positions,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "ptychostream" / "models" / "ptychonn_edge.onnx"
 SIZE = 32
@@ -153,11 +159,10 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(npz_file, tmp_path)
 def test_edge_layout_matches_the_modelzoo(tmp_path):
     pytest.importorskip("torch")
     import onnx
-
-    from ptychostream.modelzoo import build_ptychonn_onnx, param_count
-    from ptychostream.train import build_net, export_onnx
-
     import torch
+
+    from ptychostream.model.zoo import build_ptychonn_onnx, param_count
+    from ptychostream.train import build_net, export_onnx
 
     net = build_net(128, 16, 4, ("phase",), 128)  # with BatchNorm, folded at export
     with torch.no_grad():  # no two weights alike (the exporter shares identical initializers)
@@ -213,6 +218,7 @@ def test_bad_training_files_give_clear_errors(npz_file, tmp_path):
 def test_full_disk_leaves_the_old_model_intact(npz_file, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     import errno
+    import os
 
     from ptychostream import train as tr
 
@@ -222,7 +228,7 @@ def test_full_disk_leaves_the_old_model_intact(npz_file, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tr.os, "replace", full)
+    monkeypatch.setattr(os, "replace", full)  # the export renames its checked file over the target
     with pytest.raises(tr.TrainError, match="No space left"):
         tr.train(tiny_config(out, [npz_file], epochs=1), progress=False, log=lambda s: None)
     assert out.read_bytes() == b"old"
@@ -320,7 +326,7 @@ def test_bf16_training_and_the_new_options(npz_file, tmp_path):
         train(tiny_config(out, [npz_file], grad_weight=-1.0), progress=False)
     args = parser().parse_args(["train", "m.onnx", "--init", "a.onnx", "--precision", "bf16",
                                 "--grad-weight", "0.5"])
-    from ptychostream.train import _config_from_args
+    from ptychostream.train.cli import _config_from_args
 
     cfg = _config_from_args(args)
     assert (cfg.init, cfg.precision, cfg.grad_weight) == ("a.onnx", "bf16", 0.5)
@@ -328,7 +334,8 @@ def test_bf16_training_and_the_new_options(npz_file, tmp_path):
 
 def test_simulated_training_batches_include_circuits():
     pytest.importorskip("torch")
-    from ptychostream.train import TRAIN_KINDS, TrainConfig, _make_source
+    from ptychostream.train import TRAIN_KINDS, TrainConfig
+    from ptychostream.train.loop import _make_source
 
     assert "circuit" in TRAIN_KINDS and not {"digits", "siemens"} & set(TRAIN_KINDS)
     src, facts = _make_source(TrainConfig(objects=("circuit",), crop=64, object_px=192, pool=2))
@@ -342,9 +349,9 @@ def test_simulated_training_batches_include_circuits():
 # --------------------------------------------------------------------------- the PyTorch backend
 def test_torch_backend_rebuilds_trained_models_without_onnx2torch(tmp_path):
     torch = pytest.importorskip("torch")
-    from ptychostream.backends import open_backend
-    from ptychostream.backends.torch_cuda import TorchCudaBackend
-    from ptychostream.infer import load_model_file
+    from ptychostream.model.backends import open_backend
+    from ptychostream.model.backends.torch_cuda import TorchCudaBackend
+    from ptychostream.model.infer import load_model_file
     from ptychostream.train import build_net, export_onnx
 
     net = build_net(32, 4, 2, ("amplitude", "phase"), 16)

@@ -6,11 +6,24 @@ A·exp(iφ) with A ≤ 1 on the geometry's real-space pixel λz/(Np); frames are
 orthonormal FFT, fftshift-centred.  See :mod:`.forward` for details.
 """
 
-from .forward import DTYPES, Geometry, Simulator, centred, extract_patches, far_field, unshifted
-from .objects import OBJECT_KINDS, fit_object, load_object, make_object
-from .probes import PROBE_KINDS, load_probe, make_probe
-from .replay import ReplayData, load_frames, read_truth_h5, write_truth_h5
-from .scans import SCAN_PATTERNS, scan_extent_px, scan_positions
+from ptychostream.sim.forward import (
+    DTYPES,
+    Geometry,
+    Simulator,
+    centred,
+    extract_patches,
+    far_field,
+    unshifted,
+)
+from ptychostream.sim.objects import OBJECT_KINDS, fit_object, load_object, make_object
+from ptychostream.sim.probes import PROBE_KINDS, load_probe, make_probe
+from ptychostream.sim.replay import (
+    ReplayData,
+    load_frames,
+    read_truth_h5,
+    write_truth_h5,
+)
+from ptychostream.sim.scans import SCAN_PATTERNS, scan_extent_px, scan_positions
 
 __all__ = [
     "DTYPES", "OBJECT_KINDS", "PROBE_KINDS", "SCAN_PATTERNS", "Geometry", "ReplayData", "Simulator",

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..paths import split_dataset_path
+from ptychostream.files.paths import split_dataset_path
 
 __all__ = ["OBJECT_KINDS", "fit_object", "load_object", "make_object", "material", "seven_segment_mask"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..paths import split_dataset_path
+from ptychostream.files.paths import split_dataset_path
 
 __all__ = ["PROBE_KINDS", "load_probe", "make_probe", "zoneplate_defocus_m"]
 

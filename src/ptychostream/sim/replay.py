@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..paths import split_dataset_path
-
-from .forward import Geometry, Simulator, _index, centred, unshifted
+from ptychostream.files.paths import split_dataset_path
+from ptychostream.sim.forward import Geometry, Simulator, _index, centred, unshifted
 
 __all__ = ["FRAME_PATHS", "ReplayData", "centred", "load_frames", "read_truth_h5", "unshifted",
            "write_truth_h5"]

@@ -1,0 +1,189 @@
+"""Sans-I/O device state: one value table built from db/, shared by every front end.
+
+Front ends (``pva.py``, ``ca.py``) translate protocol puts into :meth:`DeviceState.put`
+and post every :class:`Reading` the state announces. Device logic registers put
+handlers and writes readbacks with :meth:`DeviceState.set`; it never sees a protocol.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ptychostream.core.frames import ImageFrame
+from ptychostream.core.pvdb import PutError, PVDatabase, PVSpec
+
+__all__ = ["Reading", "DeviceState", "PutError", "Busy"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A PV's current value with its alarm and time stamp."""
+
+    value: Any
+    severity: int = 0
+    message: str = ""
+    timestamp: float = field(default_factory=time.time)
+
+
+@dataclass
+class Busy:
+    """Returned by a put handler whose put completes later (areaDetector's busy Acquire)."""
+
+    value: Any
+    done: Future
+
+
+Listener = Callable[[PVSpec, Reading], None]
+ImageSink = Callable[[PVSpec, ImageFrame], None]
+PutHandler = Callable[[Any], Any]
+
+
+class DeviceState:
+    """Thread-safe PV values with validation, put handlers and change listeners."""
+
+    def __init__(self, db: PVDatabase, message_pv: str | None = None,
+                 refused_pv: str | None = None) -> None:
+        self.db = db
+        self.message_pv = message_pv
+        self.refused_pv = refused_pv
+        self._lock = threading.RLock()
+        self._values: dict[str, Reading] = {
+            s.suffix: Reading(s.initial, s.severity_of(s.initial) if s.kind == "enum" else 0)
+            for s in db
+            if s.kind not in ("image", "table")
+        }
+        self._handlers: dict[str, PutHandler] = {}
+        self._image_put: dict[str, Callable[[ImageFrame], None]] = {}
+        self._listeners: list[Listener] = []
+        self._image_sinks: list[ImageSink] = []
+
+    # -- wiring -------------------------------------------------------------
+    def on_put(self, suffix: str) -> Callable[[PutHandler], PutHandler]:
+        """Register ``handler(value) -> value | None`` for puts to ``suffix``.
+
+        The handler applies the setting and writes its readback; raising
+        :class:`PutError` refuses the put and leaves the setpoint unchanged.
+        """
+        spec = self.db[suffix]
+        if not spec.writable:
+            raise ValueError(f"{suffix} is not writable in db/")
+
+        def register(handler: PutHandler) -> PutHandler:
+            if spec.kind == "image":
+                self._image_put[suffix] = handler
+            else:
+                self._handlers[suffix] = handler
+            return handler
+
+        return register
+
+    def subscribe(self, listener: Listener, replay: bool = False) -> None:
+        """Call ``listener(spec, reading)`` on every change; ``replay`` first sends every current value
+        (atomically with the subscription, so a front end built from an earlier snapshot misses nothing)."""
+        with self._lock:
+            self._listeners.append(listener)
+            if replay:
+                for suffix, reading in self._values.items():
+                    listener(self.db[suffix], reading)
+
+    def add_image_sink(self, sink: ImageSink) -> None:
+        self._image_sinks.append(sink)
+
+    # -- access ---------------------------------------------------------------
+    def get(self, suffix: str) -> Any:
+        return self._values[suffix].value
+
+    def reading(self, suffix: str) -> Reading:
+        return self._values[suffix]
+
+    def readings(self) -> dict[str, Reading]:
+        with self._lock:
+            return dict(self._values)
+
+    def put(self, suffix: str, raw: Any) -> Any:
+        """A client put: validate against db/, run the handler, store the setpoint.
+
+        Returns the stored value, or a :class:`Busy` whose future completes the put later.
+        A refused put raises PutError, counts in ``refused_pv`` and explains in ``message_pv``.
+        """
+        try:
+            if suffix not in self.db:
+                raise PutError(f"no PV {suffix}")
+            value = self.db[suffix].coerce(raw)
+            with self._lock:
+                handler = self._handlers.get(suffix)
+                result = handler(value) if handler is not None else None
+                busy = result if isinstance(result, Busy) else None
+                if busy is not None:
+                    result = busy.value
+                if result is not None:
+                    value = result
+                self.set(suffix, value)
+        except PutError as exc:
+            self.refused(f"put refused: {exc}")
+            raise
+        return Busy(value, busy.done) if busy is not None else value
+
+    def refused(self, text: str) -> None:
+        """Count a refused request and show why."""
+        if self.refused_pv:
+            with self._lock:
+                self.set(self.refused_pv, self.get(self.refused_pv) + 1)
+        if self.message_pv:
+            self.set(self.message_pv, text, severity=1)
+
+    def put_image(self, suffix: str, frame: ImageFrame) -> None:
+        """A client put of an NTNDArray frame to a writable image PV."""
+        spec = self.db[suffix]
+        if spec.kind != "image" or not spec.writable:
+            raise PutError(f"{suffix} does not take frames")
+        handler = self._image_put.get(suffix)
+        if handler is None:
+            raise PutError(f"{suffix} is not accepting frames")
+        try:
+            handler(frame)
+        except PutError as exc:
+            self.refused(f"frame put refused: {exc}")
+            raise
+
+    def set(self, suffix: str, value: Any, severity: int | None = None, message: str = "") -> bool:
+        """Device-side write (any thread). Returns True when the value or alarm changed."""
+        spec = self.db[suffix]
+        if spec.kind == "float":
+            value = float(value)
+        elif spec.kind in ("int", "enum"):
+            value = int(value)
+        elif spec.kind == "string":
+            value = _clip_utf8(str(value), spec.max_length - 1)
+        if severity is None:
+            severity = spec.severity_of(value)
+        with self._lock:
+            old = self._values[suffix]
+            if old.value == value and old.severity == severity and old.message == message:
+                return False
+            reading = Reading(value, severity, message)
+            self._values[suffix] = reading
+            for listener in self._listeners:
+                listener(spec, reading)
+        return True
+
+    def set_many(self, values: dict[str, Any]) -> None:
+        for suffix, value in values.items():
+            self.set(suffix, value)
+
+    def post_image(self, suffix: str, frame: "ImageFrame | dict[str, Any]") -> None:
+        """Publish an image (or a table's columns) to every sink (the PVA front end, recorders)."""
+        spec = self.db[suffix]
+        for sink in self._image_sinks:
+            sink(spec, frame)
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", errors="ignore")

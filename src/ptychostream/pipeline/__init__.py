@@ -1,0 +1,1 @@
+"""The data path: receive → queue → batch and infer → publish → stitch and record."""

@@ -1,0 +1,316 @@
+"""Stitch stage: join every result to its scan position by uniqueId and build the live mosaic.
+
+One thread owns the :class:`PositionJoiner` and the :class:`Stitcher`; everything else
+(inference results, position chunks, motor samples, resets) reaches it through its inbox,
+so the stitcher never blocks inference. Frames whose position has not arrived wait in the
+joiner's bounded holding area and are counted as unpositioned after ``PositionTimeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ptychostream.core.device import DeviceState
+from ptychostream.core.frames import BatchResult, ImageFrame
+from ptychostream.mosaic.positions import (
+    PatternPositions,
+    PositionJoiner,
+    TimestampMatcher,
+    trajectory_from_file,
+)
+from ptychostream.mosaic.stitch import OFFSETS, MosaicImage, Stitcher
+
+__all__ = ["MosaicStage", "SOURCES"]
+
+_log = logging.getLogger(__name__)
+
+#: order matches the PositionSource enum in db/
+SOURCES = ("Attributes", "Table", "Motors", "Trajectory")
+#: results waiting for the stitch thread before they are counted as lost
+INBOX_LIMIT = 4096
+
+
+@dataclass
+class MosaicSettings:
+    source: str = "Attributes"
+    attr_x: str = "PositionX"
+    attr_y: str = "PositionY"
+    scale: float = 1.0
+    pixel_m: float = 0.0
+    rate_hz: float = 5.0
+    offset: str = "mean"
+    extent_m: tuple[float, float, float, float] | None = None
+    timeout_s: float = 10.0
+    trajectory: PatternPositions | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Patch:
+    phase: np.ndarray
+    amplitude: np.ndarray | None
+    t: float
+    pixel_m: float | None
+
+
+class MosaicStage(threading.Thread):
+    """Consumes :class:`BatchResult` s and publishes Mosaic, MosaicAmplitude, MosaicCoverage, Flashlight."""
+
+    def __init__(self, device: DeviceState, message: Callable[[str, int], None]) -> None:
+        super().__init__(name="ptychostream-stitch", daemon=True)
+        self.device = device
+        self.message = message
+        self.settings = MosaicSettings()
+        self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_LIMIT)
+        self.joiner = PositionJoiner(timeout_s=self.settings.timeout_s)
+        self.motors = TimestampMatcher(tolerance_s=0.02)
+        self._motor_xy = [np.nan, np.nan]
+        self.stitcher: Stitcher | None = None
+        self.lost = 0
+        self.unpositioned = 0
+        self.stitch_rejects = 0
+        self._motor_wait: list[tuple[int, _Patch, float]] = []
+        self._latest: tuple[_Patch, tuple[float, float]] | None = None
+        self._dirty = False
+        self._next_publish = 0.0
+        self._count = 0
+        self._errors_seen: tuple[str, str] = ("", "")
+        self._stop_event = threading.Event()
+        self._told_no_pixel = False
+
+    # -- any thread ---------------------------------------------------------------
+    def on_result(self, result: BatchResult) -> None:
+        """Publisher listener: hand a batch to the stitch thread (never blocks)."""
+        try:
+            self.inbox.put_nowait(("batch", result))
+        except queue.Full:
+            self.lost += len(result.frames)
+            self.message(f"stitcher behind: {len(result.frames)} frame(s) not stitched", 1)
+
+    def add_positions(self, uids, y_m, x_m) -> None:
+        self.inbox.put(("positions", np.asarray(uids), np.asarray(y_m), np.asarray(x_m)))
+
+    def add_motor(self, axis: int, t: float, value: float) -> None:
+        self.inbox.put(("motor", axis, t, value))
+
+    def configure(self, **changes: Any) -> None:
+        """Change settings; geometry changes (pixel size, extent, offset) restart the mosaic."""
+        self.inbox.put(("configure", changes))
+
+    def reset(self) -> None:
+        self.inbox.put(("reset",))
+
+    def snapshot(self, timeout: float = 10.0) -> MosaicImage | None:
+        """The current mosaic as fresh arrays, taken on the stitch thread (None if empty)."""
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self.inbox.put(("snapshot", fut))
+        return fut.result(timeout)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    # -- stitch thread -------------------------------------------------------------
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            timeout = max(0.0, min(0.05, self._next_publish - time.monotonic()))
+            try:
+                msg = self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                msg = None
+            try:
+                if msg is not None:
+                    self._handle(msg)
+                self._expire()
+                if self._dirty and time.monotonic() >= self._next_publish:
+                    self.publish()
+            except Exception as exc:  # the stage must survive anything a frame brings
+                _log.exception("stitch stage error")
+                self.message(f"stitch error: {exc}", 2)
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "batch":
+            self._on_batch(msg[1])
+        elif kind == "positions":
+            _, uids, y, x = msg
+            s = self.settings.scale
+            self._stitch(self.joiner.add_positions(uids, y * s, x * s))
+        elif kind == "motor":
+            _, axis, t, value = msg
+            self._motor_xy[axis] = value * self.settings.scale
+            self.motors.add_sample(t, self._motor_xy[1], self._motor_xy[0])  # axis 0 = x, 1 = y
+        elif kind == "configure":
+            self._configure(msg[1])
+        elif kind == "reset":
+            self._reset()
+        elif kind == "snapshot":
+            empty = self.stitcher is None or self.stitcher.n_patches == 0
+            msg[1].set_result(None if empty else self.stitcher.mosaic())
+
+    def _configure(self, changes: dict[str, Any]) -> None:
+        old = self.settings
+        for key, value in changes.items():
+            setattr(old, key, value)
+        self.joiner.timeout_s = old.timeout_s
+        self._told_no_pixel = False
+        if {"pixel_m", "extent_m", "offset"} & set(changes) and self.stitcher is not None:
+            self._reset()
+            self.message("mosaic geometry changed: mosaic cleared", 0)
+
+    def _reset(self) -> None:
+        self.stitcher = None
+        self.joiner.reset()
+        self._motor_wait.clear()
+        self._latest = None
+        self.unpositioned = self.stitch_rejects = self.lost = 0
+        self._errors_seen = ("", "")
+        self._dirty = True
+
+    def _frame_positions(self, result: BatchResult) -> np.ndarray | None:
+        st = self.settings
+        n = len(result.frames)
+        if st.source == "Attributes":
+            out = np.full((n, 2), np.nan)
+            for i, f in enumerate(result.frames):
+                a = f.attributes
+                x, y = a.get(st.attr_x), a.get(st.attr_y)
+                if x is not None and y is not None:
+                    try:
+                        out[i] = (float(y) * st.scale, float(x) * st.scale)
+                    except (TypeError, ValueError):
+                        pass  # not numeric: counted by the joiner as waiting/unpositioned
+            return out
+        if st.source == "Trajectory":
+            if st.trajectory is None:
+                return np.full((n, 2), np.nan)
+            return st.trajectory.lookup([f.unique_id for f in result.frames])
+        if st.source == "Motors":
+            return self.motors.lookup_many([f.timestamp for f in result.frames])
+        return None  # Table: positions arrive by uniqueId from PositionPV
+
+    def _on_batch(self, result: BatchResult) -> None:
+        phase = result.outputs.get("phase")
+        if phase is None:
+            return
+        amp = result.outputs.get("amplitude")
+        items = [_Patch(phase[i], None if amp is None else amp[i], f.timestamp, result.pixel_m)
+                 for i, f in enumerate(result.frames)]
+        uids = [f.unique_id for f in result.frames]
+        positions = self._frame_positions(result)
+        if self.settings.source == "Motors" and positions is not None:
+            missing = np.isnan(positions).any(axis=1)
+            deadline = time.monotonic() + self.settings.timeout_s
+            for i in np.flatnonzero(missing):  # a later motor sample may still bracket them
+                self._motor_wait.append((uids[i], items[i], deadline))
+            keep = np.flatnonzero(~missing)
+            uids = [uids[i] for i in keep]
+            items = [items[i] for i in keep]
+            positions = positions[keep]
+        self._stitch(self.joiner.submit(uids, items, positions))
+
+    def _expire(self) -> None:
+        if self._motor_wait:
+            now = time.monotonic()
+            t = np.array([p.t for _, p, _ in self._motor_wait])
+            pos = self.motors.lookup_many(t)
+            ready, still = [], []
+            for (uid, patch, deadline), p in zip(self._motor_wait, pos):
+                if not np.isnan(p).any():
+                    ready.append((uid, patch, p))
+                elif now > deadline:
+                    self.unpositioned += 1
+                    self.message(f"frame {uid}: no motor sample within the tolerance", 1)
+                else:
+                    still.append((uid, patch, deadline))
+            self._motor_wait = still
+            if ready:
+                self._stitch(self.joiner.submit([u for u, _, _ in ready], [p for _, p, _ in ready],
+                                                np.array([q for _, _, q in ready])))
+        self.joiner.expire()  # released frames are counted by the joiner
+        errs = (self.joiner.last_error, self.stitcher.last_error if self.stitcher else "")
+        for new, old in zip(errs, self._errors_seen):
+            if new and new != old:
+                self.message(new, 1)
+        self._errors_seen = errs
+
+    def _stitch(self, ready: list[tuple[int, _Patch, tuple[float, float]]]) -> None:
+        if not ready:
+            return
+        st = self.settings
+        first = ready[0][1]
+        pixel = st.pixel_m or first.pixel_m
+        if not pixel:
+            self.unpositioned += len(ready)
+            if not self._told_no_pixel:  # once per configuration, not once per batch
+                self._told_no_pixel = True
+                self.message("no object pixel size: set PixelSize (the model carries none)", 1)
+            return
+        shape = first.phase.shape
+        if self.stitcher is None or self.stitcher.patch_shape != shape or self.stitcher.pixel_m != pixel:
+            self.stitcher = Stitcher(pixel, shape, extent_m=st.extent_m, offset=st.offset,
+                                     max_canvas_px=8192)
+        phase = np.stack([p.phase for _, p, _ in ready])
+        amps = [p.amplitude for _, p, _ in ready]
+        amp = np.stack(amps) if all(a is not None for a in amps) else None
+        pos = np.array([q for _, _, q in ready], dtype=np.float64)
+        accepted = self.stitcher.add(phase, pos, amp)
+        self.stitch_rejects += len(ready) - accepted
+        self._latest = (ready[-1][1], ready[-1][2])
+        self._dirty = True
+
+    def publish(self) -> None:
+        """Post the mosaic images (at most MosaicRate per second)."""
+        self._dirty = False
+        self._next_publish = time.monotonic() + 1.0 / max(self.settings.rate_hz, 0.1)
+        if self.stitcher is None or self.stitcher.n_patches == 0:
+            return
+        m: MosaicImage = self.stitcher.mosaic(reuse=True)
+        self._count += 1
+        now = time.time()
+        oy, ox = m.origin_m
+        attrs = {"PixelSizeX": m.pixel_m, "PixelSizeY": m.pixel_m, "OriginX": ox, "OriginY": oy,
+                 "Patches": m.n_patches, "Units": "m"}
+        d = self.device
+        d.post_image("Mosaic", ImageFrame(m.phase, self._count, now, now, attrs))
+        if m.amplitude is not None:
+            d.post_image("MosaicAmplitude", ImageFrame(m.amplitude, self._count, now, now, attrs))
+        d.post_image("MosaicCoverage", ImageFrame(m.coverage, self._count, now, now, attrs))
+        if self._latest is not None:
+            patch, pos = self._latest
+            try:
+                light = self.stitcher.flashlight(patch.phase, pos)
+                d.post_image("Flashlight", ImageFrame(light, self._count, now, now, attrs))
+            except ValueError:
+                pass
+        ymin, ymax, xmin, xmax = m.extent_m
+        d.set("MosaicExtent_RBV", f"x {xmin * 1e6:.3f}..{xmax * 1e6:.3f} um, y {ymin * 1e6:.3f}..{ymax * 1e6:.3f} um "
+                                  f"({m.phase.shape[1]}x{m.phase.shape[0]} px)")
+        d.set("MosaicCoverage_RBV", round(100.0 * float(m.mask.mean()), 1))
+
+    # -- status (IOC scan task) ---------------------------------------------------------
+    def status(self) -> dict[str, int]:
+        c = self.joiner.counts
+        return {
+            "Stitched_RBV": self.stitcher.n_patches if self.stitcher else 0,
+            "Unpositioned_RBV": c["unpositioned"] + self.unpositioned + self.lost,
+            "PositionErrors_RBV": (c["nan_positions"] + c["out_of_range"] + c["duplicate_frames"]
+                                   + c["conflicting_positions"] + self.stitch_rejects),
+            "PositionWait_RBV": self.joiner.n_pending + len(self._motor_wait),
+        }
+
+
+def load_trajectory(path: str, scale: float) -> PatternPositions:
+    """A trajectory file for PositionSource=Trajectory (raises ValueError/OSError with the reason)."""
+    return trajectory_from_file(path, scale=scale)
+
+
+__all__ += ["load_trajectory", "OFFSETS"]

@@ -1,0 +1,1 @@
+"""Scoring reconstructions: registration, SSIM/PSNR/FRC, baselines."""

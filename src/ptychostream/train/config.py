@@ -1,0 +1,162 @@
+"""Training configuration, its errors and small helpers shared by the training modules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+#: object families used for training (digits and siemens are held out for the demo)
+TRAIN_KINDS: tuple[str, ...] = ("etched", "circuit", "dead_leaves", "blurred_noise", "procedural")
+
+#: default mix of the families
+KIND_WEIGHTS = {"etched": 0.3, "circuit": 0.25, "dead_leaves": 0.15, "blurred_noise": 0.1, "procedural": 0.2}
+
+PRECISIONS = ("fp32", "bf16")
+
+HEADS = ("amplitude", "phase")
+
+CHECKPOINT_NAME = "last.pt"
+
+class TrainError(ValueError):
+    """Bad training input or settings; the message says what to fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in checkpoints and in the ONNX metadata)."""
+
+    output: str = "model.onnx"
+    # data
+    data: tuple[str, ...] = ("sim",)
+    frames: str | None = None
+    objects: tuple[str, ...] = TRAIN_KINDS
+    probe: str = "zoneplate"
+    energy_keV: float = 10.0
+    distance_m: float = 2.0
+    detector_pixel_m: float = 75e-6
+    size: int = 128
+    crop: int | None = None
+    bin: int = 1
+    photons: tuple[float, float] = (1e6, 1e6)
+    max_phase: tuple[float, float] = (0.6, 1.0)
+    object_px: int = 384
+    pool: int = 16
+    refresh: int = 50
+    pixel_m: float | None = None
+    val: int = 256
+    val_fraction: float = 0.1
+    # network
+    heads: tuple[str, ...] = HEADS
+    base_channels: int = 16
+    depth: int = 4
+    output_size: int | str = "auto"
+    # pre-processing
+    scale: str = "sqrt"
+    normalise: str = "mean"
+    # optimisation
+    epochs: int = 20
+    samples: int = 4096
+    batch: int = 32
+    lr: float = 2e-3
+    schedule: str = "onecycle"
+    amp_weight: float = 1.0
+    grad_weight: float = 0.0
+    loss_floor: float = 0.05
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 2
+    checkpoint: str | None = None
+    time_limit_s: float | None = None
+    budget_s: float | None = None
+    name: str | None = None
+    init: str | None = None
+    precision: str = "fp32"
+
+    def key(self) -> dict[str, Any]:
+        """The settings a checkpoint must share to be resumed (not output/device/limits)."""
+        d = asdict(self)
+        for k in ("output", "device", "threads", "checkpoint", "time_limit_s", "budget_s", "name", "epochs",
+                  "precision"):
+            d.pop(k)
+        return json.loads(json.dumps(d))
+
+
+# =========================================================================== helpers
+def torch_module():
+    try:
+        import torch
+    except ImportError:
+        raise TrainError("training needs PyTorch: pip install 'ptychostream[train]' (or torch>=2.2)") from None
+    return torch
+
+
+def check_finite(name: str, arr: np.ndarray) -> None:
+    if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+        bad = int((~np.isfinite(arr)).reshape(len(arr), -1).any(axis=1).sum()) if arr.ndim > 1 else 1
+        raise TrainError(f"{name} holds NaN or infinite values ({bad} sample(s)); clean the data first")
+
+
+def crop_centre(a: np.ndarray, out: int) -> np.ndarray:
+    """Centre crop of the last two axes so that pixel (h//2, w//2) stays the centre."""
+    h, w = a.shape[-2:]
+    r0, c0 = h // 2 - out // 2, w // 2 - out // 2
+    return a[..., r0:r0 + out, c0:c0 + out]
+
+
+def probe_weight(probe: np.ndarray | None, size: int, out: int, floor: float = 0.05,
+                 saturate: float = 0.2, sigma_px: float = 2.0) -> np.ndarray:
+    """Loss weight (out, out) float32: smoothed probe intensity / (saturate·peak), clipped to 1, ≥ floor.
+
+    Without a probe every pixel weighs 1.
+    """
+    if probe is None:
+        return np.ones((out, out), dtype=np.float32)
+    from scipy.ndimage import gaussian_filter
+
+    inten = gaussian_filter(np.abs(np.asarray(probe, dtype=np.complex128)) ** 2, sigma_px, mode="constant")
+    inten /= inten.max()
+    w = np.clip(inten / saturate, 0.0, 1.0)
+    w = floor + (1.0 - floor) * w
+    return crop_centre(w, out).astype(np.float32)
+
+
+def auto_output_size(probe: np.ndarray | None, size: int, depth: int, energy: float = 0.97) -> int:
+    """Smallest centred square (a multiple of 2**depth) that holds ``energy`` of the probe intensity."""
+    step = 2 ** depth
+    if probe is None:
+        return size
+    inten = np.abs(np.asarray(probe)) ** 2
+    total = float(inten.sum())
+    for out in range(step, size + 1, step):
+        if float(crop_centre(inten, out).sum()) >= energy * total:
+            return out
+    return size
+
+
+def parse_range(text: str | float | Sequence[float], what: str, positive: bool = True) -> tuple[float, float]:
+    if isinstance(text, (tuple, list)):
+        lo, hi = (float(v) for v in text)
+    else:
+        parts = str(text).split(":")
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            raise TrainError(f"{what} must be a number or LO:HI, got {text!r}") from None
+        if len(vals) == 1:
+            lo = hi = vals[0]
+        elif len(vals) == 2:
+            lo, hi = vals
+        else:
+            raise TrainError(f"{what} must be a number or LO:HI, got {text!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo or (positive and lo <= 0):
+        raise TrainError(f"{what} must be {'positive ' if positive else ''}with LO <= HI, got {text!r}")
+    return float(lo), float(hi)
+
+
+def array_sha(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:12]

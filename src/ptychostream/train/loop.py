@@ -1,0 +1,552 @@
+"""The training loop: optimiser, schedule, checkpoints, validation and the export at the end."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ptychostream.model.network import build_net
+from ptychostream.model.preprocess import Preprocess
+from ptychostream.train.config import (
+    CHECKPOINT_NAME,
+    HEADS,
+    PRECISIONS,
+    TrainConfig,
+    TrainError,
+    array_sha,
+    auto_output_size,
+    probe_weight,
+    torch_module,
+)
+from ptychostream.train.data import ArraySource, Batch, SimSource, load_pairs
+from ptychostream.train.export import export_onnx
+
+
+def _resolve_probe(cfg: TrainConfig, geometry: Any) -> tuple[np.ndarray, str]:
+    from ptychostream.sim.probes import PROBE_KINDS, load_probe, make_probe
+
+    if cfg.probe in PROBE_KINDS:
+        probe = make_probe(cfg.probe, geometry.size, geometry.pixel_m, geometry=geometry)
+        return probe, f"sim-{cfg.probe}-{geometry.size}-{array_sha(probe)}"
+    path = Path(cfg.probe)
+    try:
+        probe, px = load_probe(path)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot use probe {cfg.probe!r}: {exc} (or name one of {', '.join(PROBE_KINDS)})") from None
+    if probe.shape != (geometry.size, geometry.size):
+        raise TrainError(f"probe {path} is {probe.shape}, the frames are {geometry.size}x{geometry.size}")
+    if px is not None and abs(px / geometry.pixel_m - 1) > 0.01:
+        raise TrainError(f"probe {path} has a pixel of {px:.4g} m but the geometry gives {geometry.pixel_m:.4g} m; "
+                         "adjust --energy-kev/--distance-m/--detector-pixel-m")
+    return probe, f"{path.stem}-{array_sha(probe)}"
+
+
+def _make_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """The data source and the facts the export needs (pre-processing, pixel, probe id, sizes)."""
+    from ptychostream.sim.forward import Geometry
+
+    pre = Preprocess(scale=cfg.scale, normalise=cfg.normalise, crop_size=cfg.crop, bin=int(cfg.bin))
+    try:
+        pre.validate()
+        n_in = int(pre.output_shape((cfg.size, cfg.size))[-1])
+    except ValueError as exc:
+        raise TrainError(f"pre-processing: {exc}") from None
+    if list(cfg.data) == ["sim"]:
+        try:
+            g = Geometry(cfg.energy_keV, cfg.distance_m, cfg.detector_pixel_m, cfg.size)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        probe, probe_id = _resolve_probe(cfg, g)
+        out = auto_output_size(probe, n_in, cfg.depth) if cfg.output_size == "auto" else int(cfg.output_size)
+        weight = probe_weight(probe, cfg.size, out, cfg.loss_floor)
+        src = SimSource(cfg, probe, g, pre, out, weight)
+        facts = {"pre": pre, "pixel_m": g.pixel_m, "probe_id": probe_id, "out": out, "input": n_in,
+                 "geometry": {"energy_keV": g.energy_keV, "distance_m": g.distance_m,
+                              "detector_pixel_m": g.detector_pixel_m, "size": g.size}}
+        return src, facts
+    if "sim" in cfg.data:
+        raise TrainError("--data sim cannot be mixed with training files")
+    pairs = load_pairs(cfg.data, cfg.frames)
+    frames = pairs["frames"]
+    H, W = frames.shape[1:]
+    try:
+        if cfg.crop or cfg.bin > 1:
+            n_in = int(pre.output_shape((H, W))[-1])
+        else:
+            pre = pre.fit_to((H, W), (cfg.size, cfg.size))
+            n_in = cfg.size
+    except ValueError as exc:
+        raise TrainError(f"the frames ({H}x{W}) cannot feed a {cfg.size}x{cfg.size} model: {exc}") from None
+    lh, lw = pairs["phase"].shape[1:]
+    if (lh, lw) != (cfg.size, cfg.size):
+        raise TrainError(f"the labels are {lh}x{lw} but the model works on {cfg.size}x{cfg.size} patches; "
+                         f"pass --size {lh} (and frames that crop/bin to it)")
+    if "amplitude" in cfg.heads and pairs["amp"] is None:
+        raise TrainError("the files hold phase labels only; train with --heads phase")
+    probe = pairs["probe"]
+    if probe is not None and probe.shape != (cfg.size, cfg.size):
+        probe = None
+    out = auto_output_size(probe, n_in, cfg.depth) if cfg.output_size == "auto" else int(cfg.output_size)
+    weight = probe_weight(probe, cfg.size, out, cfg.loss_floor)
+    src = ArraySource(cfg, frames, pairs["phase"], pairs["amp"] if "amplitude" in cfg.heads else None,
+                      pre, out, weight, {"source": "files", "files": pairs["desc"], "pairs": int(len(frames))})
+    pixel = cfg.pixel_m or pairs["pixel_m"]
+    probe_id = f"files-{array_sha(probe)}" if probe is not None else "unknown"
+    return src, {"pre": pre, "pixel_m": pixel, "probe_id": probe_id, "out": out, "input": n_in,
+                 "geometry": None}
+
+
+def _scheduler(torch: Any, opt: Any, cfg: TrainConfig, total: int) -> Any:
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 10),
+                                                   pct_start=0.25, div_factor=20.0, final_div_factor=200.0)
+    if cfg.schedule == "cyclic":
+        half = max(1, total // 8)
+        return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=cfg.lr / 10, max_lr=cfg.lr, step_size_up=half,
+                                                 mode="triangular2", cycle_momentum=False)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    raise TrainError(f"--schedule must be onecycle, cyclic or constant, got {cfg.schedule!r}")
+
+
+class _ClockSchedule:
+    """One-cycle learning rate (cosine up over the first 25 %, cosine down) on a progress clock 0..1."""
+
+    def __init__(self, opt: Any, max_lr: float, progress: Any, pct: float = 0.25, div: float = 20.0,
+                 final_div: float = 200.0) -> None:
+        self.opt, self.hi, self.progress, self.pct = opt, max_lr, progress, pct
+        self.lo, self.end = max_lr / div, max_lr / div / final_div
+        self.step()
+
+    def lr(self, p: float) -> float:
+        p = min(max(p, 0.0), 1.0)
+        if p < self.pct:
+            return self.lo + (self.hi - self.lo) * (1 - math.cos(math.pi * p / self.pct)) / 2
+        q = (p - self.pct) / (1 - self.pct)
+        return self.hi + (self.end - self.hi) * (1 - math.cos(math.pi * q)) / 2
+
+    def step(self) -> None:
+        self.last = self.lr(self.progress())
+        for group in self.opt.param_groups:
+            group["lr"] = self.last
+
+    def get_last_lr(self) -> list[float]:
+        return [self.last]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _save_checkpoint(torch: Any, folder: Path, state: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt.tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, folder / CHECKPOINT_NAME)
+    except OSError as exc:
+        raise TrainError(f"cannot write the checkpoint in {folder}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_init(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
+    """The --init model must take the same input as this run (pre-processing, pixel); returns its ModelInfo."""
+    from ptychostream.model.infer import ModelError, load_model_file
+
+    try:
+        info = load_model_file(cfg.init)
+    except ModelError as exc:
+        raise TrainError(f"--init: {exc}") from None
+    if info.kind != "onnx":
+        raise TrainError(f"--init {cfg.init}: training continues from an ONNX model, not an engine")
+    want, have = facts["pre"].to_dict(), info.preprocess.to_dict()
+    bad = [f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in sorted(want) if have.get(k) != want.get(k)]
+    if bad:
+        raise TrainError(f"--init {cfg.init}: its pre-processing differs: {'; '.join(bad)}; pass the options "
+                         "it was trained with (--crop, --bin, --scale, --normalise)")
+    if info.pixel_m and facts["pixel_m"] and abs(info.pixel_m / facts["pixel_m"] - 1) > 1e-3:
+        raise TrainError(f"--init {cfg.init}: its object pixel is {info.pixel_m:.4g} m, this run's is "
+                         f"{facts['pixel_m']:.4g} m")
+    return info
+
+
+def _check_output_path(path: Path) -> None:
+    folder = path.resolve().parent
+    if path.suffix.lower() != ".onnx":
+        raise TrainError(f"the output must be an .onnx file, got {path}")
+    if not folder.is_dir():
+        raise TrainError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise TrainError(f"cannot write {path}: folder {folder} is not writable")
+    if path.is_dir():
+        raise TrainError(f"cannot write {path}: it is a folder")
+
+
+def _loss(torch: Any, outs: tuple, batch: Any, heads: Sequence[str], weight: Any, amp_weight: float,
+          grad_weight: float = 0.0):
+    """Probe-weighted L1 per head (the reported parts), plus ``grad_weight`` × the L1 of the
+    difference of the finite differences along y and x (it penalises blurred edges)."""
+    total = 0.0
+    parts = {}
+    wsum = weight.sum()
+    for head, pred in zip(heads, outs):
+        pred = pred.float()
+        target = batch["phase"] if head == "phase" else batch["amplitude"]
+        diff = pred - target
+        err = (diff.abs() * weight).sum(dim=(-2, -1)).mean() / wsum
+        parts[head] = err
+        term = err
+        if grad_weight:
+            gy = (diff[..., 1:, :] - diff[..., :-1, :]).abs() * torch.minimum(weight[1:, :], weight[:-1, :])
+            gx = (diff[..., :, 1:] - diff[..., :, :-1]).abs() * torch.minimum(weight[:, 1:], weight[:, :-1])
+            term = term + grad_weight * (gy.sum(dim=(-2, -1)) + gx.sum(dim=(-2, -1))).mean() / (2 * wsum)
+        total = total + (term if head == "phase" else amp_weight * term)
+    return total, parts
+
+
+def _read_onnx(path: str | Path, what: str) -> Any:
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # missing, truncated or not ONNX
+        raise TrainError(f"{what} {path}: cannot read it as ONNX ({exc})") from None
+
+
+def load_conv_weights(net: Any, model: Any, what: str = "model") -> None:
+    """Copy the Conv weights of an ONNX graph exported by :func:`export_onnx` into ``net``.
+
+    Convolutions pair up in graph order with the ``Conv2d`` modules of ``net`` (the order in
+    which the export traced them); any difference in count or shape raises TrainError.
+    """
+    torch = torch_module()
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:  # the exporter shares equal tensors through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    mods = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    if len(convs) != len(mods):
+        raise TrainError(f"{what} has {len(convs)} convolutions, the network has {len(mods)}; "
+                         "pass the same --base-channels, --depth, --heads and --output-size as its training")
+    with torch.no_grad():
+        for k, (node, mod) in enumerate(zip(convs, mods)):
+            w = inits.get(node.input[1])
+            b = inits.get(node.input[2]) if len(node.input) > 2 else np.zeros(mod.out_channels, np.float32)
+            if w is None or b is None or tuple(w.shape) != tuple(mod.weight.shape):
+                got = "a computed weight" if w is None or b is None else f"weights {tuple(w.shape)}"
+                raise TrainError(f"{what}: convolution {k} has {got}, the network needs "
+                                 f"{tuple(mod.weight.shape)}; pass the architecture it was trained with")
+            mod.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+            mod.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))
+
+
+def net_from_onnx(path: str | Path, config: dict[str, Any]) -> Any:
+    """The torch module of a model this command exported: :func:`build_net` with the layout
+    ``config`` (the ``net`` entry of its ``ptychostream.training`` metadata, as
+    ``ModelInfo.training`` holds it), without BatchNorm (the export folded it), and the file's
+    weights.  Used by the PyTorch backend."""
+    try:
+        net = build_net(int(config["size"]), int(config["base_channels"]), int(config["depth"]),
+                        tuple(config["heads"]), int(config["output_size"]), batchnorm=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TrainError(f"{path}: unusable network layout {config!r} ({exc})") from None
+    load_conv_weights(net, _read_onnx(path, "model"), str(path))
+    return net.eval()
+
+
+def warm_start(net: Any, path: str | Path, x: Any) -> float:
+    """Load an exported model's weights into ``net`` (same layout) to continue training from it.
+
+    The export folds each BatchNorm into its convolution, so the convolutions take the file's
+    weights and each BatchNorm is set to the identity on the batch ``x`` (data-dependent
+    initialisation: γ = σ, β = μ, running statistics = μ, σ²).  Returns the largest difference
+    between the initialised ``net`` (eval mode) and the file run by onnxruntime on ``x``.
+    """
+    torch = torch_module()
+    model = _read_onnx(path, "--init")
+    load_conv_weights(net, model, f"--init {path}")
+    with torch.no_grad():
+        stats: dict[Any, tuple[Any, Any]] = {}
+
+        def identity(bn: Any, inputs: tuple) -> None:
+            y = inputs[0].float()
+            mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+            bn.weight.copy_(torch.sqrt(var + bn.eps))
+            bn.bias.copy_(mean)
+            stats[bn] = (mean.clone(), var.clone())
+
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        hooks = [bn.register_forward_pre_hook(identity) for bn in bns]
+        was_training = net.training
+        try:
+            net.train()
+            net(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for bn, (mean, var) in stats.items():  # the pass above also moved the running statistics
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        net.eval()
+        want = [t.float().cpu().numpy() for t in net(x)]
+        net.train(was_training)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.float().cpu().contiguous().numpy()})
+    if len(got) != len(want):
+        raise TrainError(f"--init {path}: it has {len(got)} outputs, the network to train has {len(want)} heads")
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(want, got))
+
+
+def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str, Any]:
+    """Train as configured, export ``cfg.output`` and return a summary (also stored in the model)."""
+    torch = torch_module()
+    out_path = Path(cfg.output)
+    _check_output_path(out_path)
+    for name in ("epochs", "samples", "batch"):
+        if int(getattr(cfg, name)) < 1:
+            raise TrainError(f"--{name} must be at least 1")
+    if not cfg.heads or not set(cfg.heads) <= set(HEADS):
+        raise TrainError(f"--heads must be from {HEADS}, got {cfg.heads}")
+    heads = tuple(h for h in HEADS if h in cfg.heads)  # graph order: amplitude, phase (PtychoNN)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise TrainError(f"--device must be cpu, cuda or auto, got {cfg.device!r}")
+    if cfg.precision not in PRECISIONS:
+        raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.grad_weight < 0 or not math.isfinite(cfg.grad_weight):
+        raise TrainError(f"--grad-weight must be a number >= 0, got {cfg.grad_weight!r}")
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+
+    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    src, facts = _make_source(cfg)
+    out = facts["out"]
+    parent = _check_init(cfg, facts) if cfg.init else None
+    # channels-last convolutions run about 1.7x faster on CPUs (oneDNN) and suit tensor cores
+    net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out).to(
+        device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    steps_per_epoch = src.steps_per_epoch(cfg.batch)
+    total = steps_per_epoch * cfg.epochs
+    weight = torch.from_numpy(src.weight).to(device)
+    state = None
+
+    start_step, history, elapsed0 = 0, [], 0.0
+    ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt_dir is not None:
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainError(f"cannot use checkpoint folder {ckpt_dir}: {exc.strerror or exc}") from None
+        ck = ckpt_dir / CHECKPOINT_NAME
+        if ck.is_file():
+            try:
+                state = torch.load(ck, map_location=device, weights_only=False)
+            except Exception as exc:  # a torn or foreign file
+                raise TrainError(f"cannot resume from {ck}: {exc}") from None
+            if state.get("key") != cfg.key() or (not cfg.budget_s and state.get("total") != total):
+                raise TrainError(f"{ck} was written by a run with other settings; use another --checkpoint "
+                                 "folder or delete it")
+            total = int(state["total"])
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            start_step, history, elapsed0 = int(state["step"]), list(state["history"]), float(state["elapsed"])
+            torch.set_rng_state(state["torch_rng"])
+            say(f"resuming from {ck} at step {start_step}/{total}")
+
+    val = src.validation(cfg.val) if cfg.val > 0 else None
+
+    def to_dev(b: Batch) -> dict[str, Any]:
+        d = {"x": torch.from_numpy(b.x).to(device).contiguous(memory_format=torch.channels_last),
+             "phase": torch.from_numpy(b.phase).to(device)}
+        if b.amplitude is not None:
+            d["amplitude"] = torch.from_numpy(b.amplitude).to(device)
+        return d
+
+    init_info = None
+    if parent is not None and state is None:
+        diff = warm_start(net, cfg.init, to_dev(val if val is not None else src.batch(0, cfg.batch))["x"])
+        if not diff <= 1e-3:
+            raise TrainError(f"--init {cfg.init}: the network does not reproduce the file (max |diff| {diff:.3g})")
+        init_info = {"file": Path(cfg.init).name, "sha256": parent.sha256, "max_abs_diff": diff}
+        say(f"starting from {cfg.init} (reproduced to {diff:.2g})")
+    elif state is not None:
+        init_info = state.get("init")
+
+    def forward(x: Any) -> tuple:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return net(x)
+
+    def evaluate() -> dict[str, float] | None:
+        if val is None:
+            return None
+        net.eval()
+        sums: dict[str, float] = {}
+        with torch.no_grad():
+            for s in range(0, len(val.x), 64):
+                b = to_dev(Batch(val.x[s:s + 64], val.phase[s:s + 64],
+                                 None if val.amplitude is None else val.amplitude[s:s + 64]))
+                _, parts = _loss(torch, forward(b["x"]), b, heads, weight, cfg.amp_weight)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(b["x"])
+        net.train()
+        return {k: v / len(val.x) for k, v in sums.items()}
+
+    t0 = time.monotonic()
+    step = start_step
+    running: dict[str, float] = {}
+    stopped = ""
+    bar = None
+
+    # the next batch is simulated on a worker thread while this one trains (numpy's FFTs and the
+    # Poisson draws release the GIL); a batch is a pure function of its step, so order is kept
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-data")
+    ahead: dict[int, Any] = {}
+
+    def fetch(k: int) -> Batch:
+        fut = ahead.pop(k, None) or pool.submit(src.batch, k, cfg.batch)
+        ahead[k + 1] = pool.submit(src.batch, k + 1, cfg.batch)
+        return fut.result()
+
+    def one_step(k: int) -> None:
+        b = to_dev(fetch(k))
+        loss, parts = _loss(torch, forward(b["x"]), b, heads, weight, cfg.amp_weight, cfg.grad_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for name, v in parts.items():
+            fv = float(v.detach())
+            running[name] = 0.98 * running.get(name, fv) + 0.02 * fv
+
+    def clock() -> float:
+        """Training seconds so far, across resumes."""
+        return elapsed0 + time.monotonic() - t0
+
+    budget = None
+    if cfg.budget_s:
+        # a one-cycle schedule on the clock instead of the step count: it fills the budget whatever
+        # the machine's speed (the number of steps done is recorded in the model)
+        budget = max(10.0, float(cfg.budget_s) - 60.0)  # leave time for the last evaluation and export
+        sched = _ClockSchedule(opt, cfg.lr, lambda: clock() / budget)
+        total = 0
+    else:
+        sched = _scheduler(torch, opt, cfg, total)
+        if state is not None:
+            sched.load_state_dict(state["sched"])
+            opt.load_state_dict(state["opt"])  # a new scheduler resets lr/betas in the groups: restore them
+    if progress:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                       transient=False)
+        task = bar.add_task("train", total=total or budget, completed=step if budget is None else clock(),
+                            info="")
+        bar.start()
+    net.train()
+    try:
+        while (step < total) if budget is None else (clock() < budget):
+            one_step(step)
+            sched.step()
+            step += 1
+            done = step >= total if budget is None else clock() >= budget
+            if bar is not None:
+                bar.update(task, completed=step if budget is None else clock(), info=" ".join(f"{k[:3]} {v:.4f}" for k, v in running.items())
+                           + f" lr {sched.get_last_lr()[0]:.2e}")
+            end_epoch = step % steps_per_epoch == 0 or done
+            over_time = cfg.time_limit_s is not None and elapsed0 + time.monotonic() - t0 > cfg.time_limit_s
+            if end_epoch or over_time:
+                v = evaluate() if end_epoch else None
+                history.append({"step": step, "epoch": step / steps_per_epoch, "train": dict(running),
+                                "val": v, "time_s": round(elapsed0 + time.monotonic() - t0, 1)})
+                msg = (f"epoch {step / steps_per_epoch:.2f} step {step}/{total or '?'} "
+                       f"({clock() / 60:.1f} min, lr {sched.get_last_lr()[0]:.2e}): train "
+                       + " ".join(f"{k} {x:.4f}" for k, x in running.items()))
+                if v:
+                    msg += "  val " + " ".join(f"{k} {x:.4f}" for k, x in v.items())
+                if bar is not None:
+                    bar.console.print(msg)
+                else:
+                    say(msg)
+                if ckpt_dir is not None:
+                    _save_checkpoint(torch, ckpt_dir, {
+                        "key": cfg.key(), "total": total, "step": step, "net": net.state_dict(), "init": init_info,
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history,
+                        "elapsed": elapsed0 + time.monotonic() - t0, "torch_rng": torch.get_rng_state()})
+            if over_time and not done:
+                stopped = f"time limit {cfg.time_limit_s:g} s reached at step {step}"
+                say(stopped)
+                break
+    finally:
+        if bar is not None:
+            bar.stop()
+        for fut in ahead.values():
+            fut.cancel()
+        pool.shutdown(wait=True)
+    elapsed = elapsed0 + time.monotonic() - t0
+    final_val = evaluate()
+    summary = {
+        "framework": f"torch {torch.__version__}", "device": device, "seed": cfg.seed,
+        "epochs": round(step / steps_per_epoch, 3), "steps": step, "planned_steps": total or None,
+        "batch": cfg.batch, "samples_seen": step * cfg.batch, "lr": cfg.lr, "schedule": cfg.schedule,
+        "budget_s": cfg.budget_s,
+        "optimizer": "Adam", "precision": cfg.precision, "init": init_info,
+        "loss": "L1, probe-weighted" + (f", + {cfg.grad_weight:g} x L1 of the gradient error" if cfg.grad_weight
+                                        else "") + (f", + {cfg.amp_weight:g} x amplitude" if "amplitude" in heads
+                                                    else ""),
+        "final_train_loss": {k: round(v, 5) for k, v in running.items()},
+        "final_val_loss": None if final_val is None else {k: round(v, 5) for k, v in final_val.items()},
+        "data": src.describe(), "net": net.config, "time_s": round(elapsed, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stopped_early": stopped or None,
+        "phase_target": "object phase minus its probe-weighted mean, central output_size px",
+    }
+    if facts["geometry"]:
+        summary["geometry"] = facts["geometry"]
+    meta = {
+        "ptychostream.name": cfg.name or out_path.stem,
+        "ptychostream.preprocess": facts["pre"].to_json(),
+        "ptychostream.outputs": list(heads),
+        "ptychostream.probe_id": facts["probe_id"],
+        "ptychostream.training": summary,
+        # a hint for the live mosaic: patches this small stitch better with offset "overlap"
+        "ptychostream.stitch": {"offset": "overlap", "window": "hann"},
+    }
+    if facts["pixel_m"]:
+        meta["ptychostream.pixel_m"] = repr(float(facts["pixel_m"]))
+    exp = export_onnx(net, out_path, meta)
+    summary.update(output=str(out_path), params=exp["params"], onnx_bytes=exp["bytes"],
+                   onnx_max_abs_diff=exp["max_abs_diff"])
+    return summary
