@@ -1,4 +1,4 @@
-# ptychostream: `make demo` runs the device on the simulated detector; `make test` runs the tests.
+# ptychostream: `make demo` runs the device on the simulated detector; `make test` type-checks and runs the tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,8 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m ptychostream.cli.demo $(DEMO_ARGS)
 
+# mypy first (files and settings in pyproject's [tool.mypy]); pytest in a random order within and
+# across modules (the seed is printed in the header: --random-order-seed=N repeats an order)
 test: $(STAMP) $(TRAIN_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m mypy
+	$(PY) -m pytest -p random_order --random-order-bucket=module $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

@@ -48,6 +48,26 @@ def test_signals_are_built_from_db():
     assert det.signal("cam1:ArrayCounter_RBV") is det.array_counter
 
 
+def test_annotated_signals_match_db():
+    """The signals the devices declare for type checkers are made from db/ with that class and datatype."""
+    from ophyd_async.core import StrictEnum
+
+    from ptychostream.bluesky import PtychoReconstructor, SimDetector
+
+    for cls, prefix in ((PtychoReconstructor, R), (SimDetector, S)):
+        declared = {a: t for a, t in cls.__annotations__.items() if str(t).startswith("Signal")}
+        assert len(declared) >= 6, cls
+        dev = cls(prefix, name="dev")
+        for attr, anno in declared.items():
+            kind, datatype = re.fullmatch(r"(SignalRW?)\[(\w+)\]", str(anno)).groups()
+            sig = getattr(dev, attr)
+            assert type(sig).__name__ == kind, (cls.__name__, attr)
+            if datatype == "StrictEnum":
+                assert issubclass(sig.datatype, StrictEnum), (cls.__name__, attr)
+            else:
+                assert sig.datatype.__name__ == datatype, (cls.__name__, attr)
+
+
 # -- live IOCs ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def iocs():
@@ -149,9 +169,10 @@ def test_live_scan_documents(devices, RE, ctx, models):
 
 def test_mosaic_is_stitched(devices, RE, ctx, models):
     """The mosaic in the documents covers the scan: every patch stitched at its position."""
-    from ptychostream.bluesky import live_ptycho_scan, read_mosaic
+    from ptychostream.bluesky import live_ptycho_scan, read_mosaic, swap_model
 
     recon, det = devices
+    RE(swap_model(recon, models["good"]))  # model=None below: the scan uses the model already serving
     pixel = float(ctx.get(S + "cam1:ObjectPixel_RBV"))
     n, step = 60, 3e-7
     docs = _run(RE, live_ptycho_scan(recon, det, model=None, num=n, step=step, period=0.002, pixel_size=pixel))
@@ -197,10 +218,12 @@ def test_unconnected_input_and_timeouts_are_clear_and_disable(devices, RE, ctx, 
         InputNotConnected,
         ScanTimeout,
         live_ptycho_scan,
+        swap_model,
         wait_drained,
     )
 
     recon, det = devices
+    RE(swap_model(recon, models["good"]))  # a model is ready, so the scan fails on the input alone
     ctx.put(R + "InputPV", "TST:BS:NOBODY:Image", wait=True)
     with pytest.raises(InputNotConnected, match="TST:BS:NOBODY:Image"):
         _run(RE, live_ptycho_scan(recon, det, model=None, num=5, connect=False, connect_timeout=1.0))

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import wait_for
 from onnx import TensorProto, helper
 
 from ptychostream.model.backends import (
@@ -24,7 +25,9 @@ from ptychostream.model.backends import (
     available_backends,
     open_backend,
 )
-from ptychostream.model.infer import META_KEYS, ModelError, load_model_file, open_model
+from ptychostream.model.infer import open_model
+from ptychostream.model.info import META_KEYS, ModelError, load_model_file
+from ptychostream.model.network import NetLayout, NetworkError
 from ptychostream.model.preprocess import Preprocess
 from ptychostream.model.zoo import build_ptychonn_onnx, param_count
 
@@ -77,6 +80,37 @@ def test_param_count_edge_model(tmp_path):
     assert info.input_shape == (128, 128) and info.outputs == ("phase",) and info.fixed_batch is None
     assert param_count(build_ptychonn_onnx(tmp_path / "two.onnx", heads=("amplitude", "phase"),
                                            **SMALL)) == _expected_params(2, 8, 3)
+
+
+def test_net_layout_is_checked_once_for_both_builders(tmp_path):
+    layout = NetLayout(64, 8, 3, ("amplitude", "phase"), 32)
+    assert layout.channels == (8, 16, 32) and layout.cell == 8
+    assert layout.encoder_blocks == [(1, 8), (8, 16), (16, 32)]
+    assert layout.decoder_blocks == [(32, 32), (32, 16), (16, 8)]
+    assert (layout.cells, layout.skip) == (4, 2)
+    assert [layout.activation(h) for h in layout.heads] == ["sigmoid", "tanh_pi"]
+    assert NetLayout.from_config(layout.config()) == layout
+    assert NetLayout(64, depth=3).out_size == 64
+    for kw, msg in (({"size": 100}, "divisible by 2"), ({"output_size": 40}, "output size 40"),
+                    ({"heads": ("phase", "phase")}, "distinct names")):
+        args = {"size": 64, "depth": 3, **kw}
+        with pytest.raises(NetworkError, match=msg):
+            NetLayout(**args)
+        with pytest.raises(ValueError, match=msg):  # the model zoo writes the same layout
+            build_ptychonn_onnx(tmp_path / "bad.onnx", **args)
+    with pytest.raises(NetworkError, match="unusable network layout"):
+        NetLayout.from_config({"size": 64})
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_zoo_central_output(tmp_path):
+    p = build_ptychonn_onnx(tmp_path / "crop.onnx", heads=("amplitude", "phase"), output_size=32, **SMALL)
+    info = load_model_file(p)
+    assert info.output_shapes == {"amplitude": (32, 32), "phase": (32, 32)}
+    assert info.n_params == _expected_params(2, 8, 3)  # the crop of the bottleneck has no weights
+    out = open_backend("ONNXRuntime-CPU", info).infer(_frames(2))
+    assert out["phase"].shape == out["amplitude"].shape == (2, 32, 32)
+    assert np.abs(out["phase"]).max() <= np.pi and 0 <= out["amplitude"].min() <= out["amplitude"].max() <= 1
 
 
 def test_edge_model_128_runs(tmp_path):
@@ -430,7 +464,13 @@ def test_tensorrt_engine_cache_and_accuracy(tmp_path):
         assert be.engine_path.startswith(p + ".")
         mtime = os.stat(be.engine_path).st_mtime_ns
         be.close()
-        time.sleep(0.01)
+        stamp = tmp_path / "clock"
+
+        def clock_passed_the_engine() -> bool:  # a rebuilt engine would then get a newer mtime
+            stamp.touch()
+            return os.stat(stamp).st_mtime_ns > mtime
+
+        wait_for(clock_passed_the_engine, timeout=5.0, message="the file-system clock to pass the engine's mtime")
         t0 = time.monotonic()
         be = open_backend("TensorRT", p, batch_size=16, precision="fp16")
         assert not be.built and os.stat(be.engine_path).st_mtime_ns == mtime

@@ -202,7 +202,6 @@ def test_finite_mask():
     f[1, 2, 2] = np.nan
     f[2, 0, 4] = np.inf
     np.testing.assert_array_equal(finite_mask(f), [True, False, False, True])
-    np.testing.assert_array_equal(Preprocess().finite_mask(f), [True, False, False, True])
     np.testing.assert_array_equal(finite_mask(np.zeros((3, 4, 4), np.uint16)), [True] * 3)
     assert finite_mask(f[1]).tolist() == [False]
 

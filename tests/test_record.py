@@ -11,8 +11,9 @@ from conftest import IOCProcess, next_slot, pva_client_conf, text, wait_for
 
 from ptychostream.core.frames import ImageFrame
 from ptychostream.model.zoo import build_ptychonn_onnx
-from ptychostream.pipeline.record import read_record, training_pairs
+from ptychostream.pipeline.record import read_record
 from ptychostream.protocols.ntnd import encode
+from ptychostream.train.pairs import training_pairs
 
 pytestmark = pytest.mark.system
 R = "TST:REC:"
@@ -73,7 +74,9 @@ def test_capture_writes_results_positions_frames_and_mosaic(ioc):
     sent = send(raw, 20)
     wait_for(lambda: int(ctx.get(R + "CaptureWritten_RBV")) == 20, timeout=15, message="20 written")
     wait_for(lambda: int(ctx.get(R + "Stitched_RBV")) == 20, timeout=10, message="20 stitched")
-    time.sleep(0.2)
+    # the Mosaic PV is published after the count: wait until it shows all 20 patches
+    wait_for(lambda: int(ctx.get(R + "Mosaic").attrib.get("Patches", 0)) == 20, timeout=10,
+             message="the Mosaic PV with 20 patches")
     live = ctx.get(R + "Mosaic")
     ctx.put(R + "Capture", 0, wait=True)
     wait_for(lambda: int(ctx.get(R + "Capture_RBV")) == 0, timeout=15, message="record closed")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy.ndimage import shift as nd_shift
 
+from ptychostream.quality.cli import add_score_parser
 from ptychostream.quality.score import (
     ScoreError,
-    add_score_parser,
     frc,
     half_bit_threshold,
     illumination_mask,

@@ -322,7 +322,8 @@ def test_pydm_screen_live(live, tmp_path):
     assert phase["class"] == "PyDMImageView" and phase["channels"] == [f"pva://{R}Phase"]
     assert phase["image_shape"] == [128, 128] and phase["image_finite"] and phase["shown_shape"] == [128, 128]
     processed = _numbers(report["samples"]["Processed_RBV"])
-    assert len(set(processed)) >= 2 and processed == sorted(processed), processed  # it changed while shown
+    assert len(set(processed)) >= 2 and processed == sorted(processed), (  # it changed while shown
+        processed, report["samples"]["Processed_RBV"], report["elapsed"])
     assert widgets["Processed_RBV"]["text"].endswith("frames")
     assert widgets["ModelStatus_RBV"]["text"] == "Ready"
     assert widgets["Enable_RBV"]["text"] == "Enable"

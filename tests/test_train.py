@@ -131,7 +131,7 @@ def test_ptychodus_product_with_its_frames(tmp_path):
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(npz_file, tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from ptychostream.train import train
 
     full = tmp_path / "full.onnx"
@@ -174,6 +174,31 @@ def test_edge_layout_matches_the_modelzoo(tmp_path):
     assert param_count(out) == param_count(ref) == 733_921
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"Conv", "Relu", "MaxPool", "Resize", "Tanh"} <= ops and "BatchNormalization" not in ops
+
+
+def test_zoo_graph_is_the_torch_network(tmp_path):
+    """One definition: the torch module of a layout, with a model-zoo file's weights, computes that file."""
+    torch = pytest.importorskip("torch")
+    from ptychostream.model.backends import open_backend
+    from ptychostream.model.info import load_model_file
+    from ptychostream.model.network import NetLayout, NetworkError, net_from_onnx
+    from ptychostream.model.zoo import build_ptychonn_onnx
+
+    layout = NetLayout(32, 4, 2, ("amplitude", "phase"), 16)
+    path = build_ptychonn_onnx(tmp_path / "zoo.onnx", size=32, base_channels=4, depth=2, heads=layout.heads,
+                               output_size=16, seed=3)
+    info = load_model_file(path)
+    net = net_from_onnx(path, layout.config())
+    assert info.n_params == sum(p.numel() for p in net.parameters())
+    x = np.random.default_rng(0).uniform(0, 3, (5, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = [t[:, 0].numpy() for t in net(torch.from_numpy(x[:, None]))]
+    got = open_backend("ONNXRuntime-CPU", info).infer(x)
+    for head, w in zip(layout.heads, want):
+        assert got[head].shape == (5, 16, 16)
+        np.testing.assert_allclose(got[head], w, atol=1e-4)
+    with pytest.raises(NetworkError, match="convolutions"):
+        net_from_onnx(path, {**layout.config(), "depth": 1})
 
 
 # --------------------------------------------------------------------------- bad input
@@ -326,19 +351,19 @@ def test_bf16_training_and_the_new_options(npz_file, tmp_path):
         train(tiny_config(out, [npz_file], grad_weight=-1.0), progress=False)
     args = parser().parse_args(["train", "m.onnx", "--init", "a.onnx", "--precision", "bf16",
                                 "--grad-weight", "0.5"])
-    from ptychostream.train.cli import _config_from_args
+    from ptychostream.train.cli import config_from_args
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.init, cfg.precision, cfg.grad_weight) == ("a.onnx", "bf16", 0.5)
 
 
 def test_simulated_training_batches_include_circuits():
     pytest.importorskip("torch")
     from ptychostream.train import TRAIN_KINDS, TrainConfig
-    from ptychostream.train.loop import _make_source
+    from ptychostream.train.loop import make_source
 
     assert "circuit" in TRAIN_KINDS and not {"digits", "siemens"} & set(TRAIN_KINDS)
-    src, facts = _make_source(TrainConfig(objects=("circuit",), crop=64, object_px=192, pool=2))
+    src, facts = make_source(TrainConfig(objects=("circuit",), crop=64, object_px=192, pool=2))
     b = src.batch(0, 4)
     assert b.x.shape == (4, 1, 64, 64) and b.phase.shape[-1] == facts["out"]
     assert np.isfinite(b.x).all() and np.ptp(b.phase) > 0.1
@@ -351,7 +376,7 @@ def test_torch_backend_rebuilds_trained_models_without_onnx2torch(tmp_path):
     torch = pytest.importorskip("torch")
     from ptychostream.model.backends import open_backend
     from ptychostream.model.backends.torch_cuda import TorchCudaBackend
-    from ptychostream.model.infer import load_model_file
+    from ptychostream.model.info import load_model_file
     from ptychostream.train import build_net, export_onnx
 
     net = build_net(32, 4, 2, ("amplitude", "phase"), 16)

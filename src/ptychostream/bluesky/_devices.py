@@ -88,12 +88,13 @@ def attr_name(suffix: str) -> str:
     return "_".join(w.lower() for w in words)
 
 
-def _enum_class(spec: PVSpec) -> type:
+def _enum_class(spec: PVSpec) -> type[StrictEnum]:
     members = []
     for choice in spec.enum_strs:
         key = re.sub(r"\W", "_", choice).upper() or "EMPTY"
         members.append((key if key[0].isalpha() else f"V_{key}", choice))
-    return StrictEnum(attr_name(spec.suffix).title().replace("_", ""), members)  # type: ignore[call-overload]
+    # Enum's functional API: mypy reads a call on an Enum subclass as a member lookup
+    return StrictEnum(attr_name(spec.suffix).title().replace("_", ""), members)  # type: ignore[call-arg, return-value]
 
 
 def _datatype(spec: PVSpec) -> Any:
@@ -214,6 +215,14 @@ class PtychoReconstructor(_DbDevice):
     ``stage()`` enables processing, ``unstage()`` disables it.
     """
 
+    # the signals the plans use (all are made from db/ at __init__; annotated for type checkers)
+    enable: SignalRW[bool]
+    model_path: SignalRW[str]
+    model_status: SignalR[StrictEnum]
+    message: SignalR[str]
+    input_pv: SignalRW[str]
+    input_connected: SignalR[bool]
+
     _db_name = "reconstructor.db"
     _read = ("Mosaic", "Processed_RBV", "Dropped_RBV", "Rejected_RBV", "Missed_RBV", "Received_RBV",
              "Backlog_RBV", "Stitched_RBV", "Unpositioned_RBV", "MosaicCoverage_RBV", "InputRate_RBV",
@@ -241,6 +250,17 @@ class SimDetector(_DbDevice):
     ``trigger()`` puts ``cam1:Acquire=1`` and completes when the acquisition has ended
     (areaDetector's busy put); ``read()`` gives the frame counters.
     """
+
+    # the signals trigger() and the plans use (made from db/ at __init__; annotated for type checkers)
+    image_mode: SignalRW[StrictEnum]
+    num_images: SignalRW[int]
+    acquire_period: SignalRW[float]
+    acquire_time: SignalRW[float]
+    acquire: SignalRW[bool]
+    detector_state: SignalR[StrictEnum]
+    status_message: SignalR[str]
+    scan_points: SignalRW[int]
+    scan_step: SignalRW[float]
 
     _db_name = "simdetector.db"
     _read = ("cam1:ArrayCounter_RBV", "cam1:NumImagesCounter_RBV", "cam1:DetectorState_RBV")
@@ -392,7 +412,7 @@ def live_ptycho_scan(recon: PtychoReconstructor, det: SimDetector, model: str | 
             yield from bps.abs_set(recon.input_pv, det.image_pv, wait=True)
         if pixel_size is not None:
             yield from bps.abs_set(recon.signal("PixelSize"), pixel_size, wait=True)
-        yield from bps.stage(recon)
+        yield from bps.stage(recon, wait=True)  # an ophyd-async stage is a status: wait for Enable=1
 
         def connected() -> Plan:
             return (yield from bps.rd(recon.input_connected))
@@ -422,7 +442,7 @@ def live_ptycho_scan(recon: PtychoReconstructor, det: SimDetector, model: str | 
         yield from bps.read(det)
         yield from bps.read(recon)
         yield from bps.save()
-        yield from bps.unstage(recon)
+        yield from bps.unstage(recon, wait=True)  # Enable=0 before the run closes
 
     @bpp.run_decorator(md=_md)
     def run() -> Plan:

@@ -46,7 +46,7 @@ def _cmd_pvtable(args: argparse.Namespace) -> int:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from ptychostream.pipeline.record import training_pairs
+    from ptychostream.train.pairs import training_pairs
 
     try:
         n = training_pairs(args.record, args.product, args.out)
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", help="write the ground truth (HDF5) here at each acquisition start")
     p.set_defaults(func=_cmd_simdet)
 
-    from ptychostream.quality.score import add_score_parser
+    from ptychostream.quality.cli import add_score_parser
     from ptychostream.train import add_train_parser
 
     add_train_parser(sub)

@@ -38,7 +38,9 @@ class Busy:
 
 
 Listener = Callable[[PVSpec, Reading], None]
-ImageSink = Callable[[PVSpec, ImageFrame], None]
+#: what an image PV carries: a frame, or a table's columns
+ImagePayload = ImageFrame | dict[str, Any]
+ImageSink = Callable[[PVSpec, ImagePayload], None]
 PutHandler = Callable[[Any], Any]
 
 
@@ -91,16 +93,20 @@ class DeviceState:
                     listener(self.db[suffix], reading)
 
     def add_image_sink(self, sink: ImageSink) -> None:
+        """Call ``sink(spec, frame)`` for every image (or table) :meth:`post_image` publishes."""
         self._image_sinks.append(sink)
 
     # -- access ---------------------------------------------------------------
     def get(self, suffix: str) -> Any:
+        """The current value of a scalar PV."""
         return self._values[suffix].value
 
     def reading(self, suffix: str) -> Reading:
+        """The current value with its alarm and time stamp."""
         return self._values[suffix]
 
     def readings(self) -> dict[str, Reading]:
+        """A snapshot of every scalar PV."""
         with self._lock:
             return dict(self._values)
 
@@ -137,14 +143,17 @@ class DeviceState:
             self.set(self.message_pv, text, severity=1)
 
     def put_image(self, suffix: str, frame: ImageFrame) -> None:
-        """A client put of an NTNDArray frame to a writable image PV."""
-        spec = self.db[suffix]
-        if spec.kind != "image" or not spec.writable:
-            raise PutError(f"{suffix} does not take frames")
-        handler = self._image_put.get(suffix)
-        if handler is None:
-            raise PutError(f"{suffix} is not accepting frames")
+        """A client put of an NTNDArray frame to a writable image PV.
+
+        A refused frame raises PutError, counts in ``refused_pv`` and explains in ``message_pv``.
+        """
         try:
+            spec = self.db[suffix] if suffix in self.db else None
+            if spec is None or spec.kind != "image" or not spec.writable:
+                raise PutError(f"{suffix} does not take frames")
+            handler = self._image_put.get(suffix)
+            if handler is None:
+                raise PutError(f"{suffix} is not accepting frames")
             handler(frame)
         except PutError as exc:
             self.refused(f"frame put refused: {exc}")
@@ -172,10 +181,11 @@ class DeviceState:
         return True
 
     def set_many(self, values: dict[str, Any]) -> None:
+        """:meth:`set` each ``suffix: value``."""
         for suffix, value in values.items():
             self.set(suffix, value)
 
-    def post_image(self, suffix: str, frame: "ImageFrame | dict[str, Any]") -> None:
+    def post_image(self, suffix: str, frame: ImagePayload) -> None:
         """Publish an image (or a table's columns) to every sink (the PVA front end, recorders)."""
         spec = self.db[suffix]
         for sink in self._image_sinks:

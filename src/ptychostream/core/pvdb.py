@@ -239,7 +239,7 @@ def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[s
     max_length = 0
     if kind == "string":
         max_length = int(fields.get("SIZV", "40" if rtyp.startswith("string") else "41"))
-    writable = rtyp in _OUTPUT_TYPES or ((image or table) and info.get("ptychostream:writable") == "1")
+    writable = rtyp in _OUTPUT_TYPES or (bool(image or table) and info.get("ptychostream:writable") == "1")
     protocols = frozenset(info.get("ptychostream:protocols", "pva ca").split())
 
     val = fields.get("VAL")

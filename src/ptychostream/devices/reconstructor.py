@@ -29,11 +29,14 @@ from ptychostream.pipeline.receive import GapCounter, PositionMonitor, Receiver
 from ptychostream.pipeline.record import Recorder
 from ptychostream.pipeline.stitch import SOURCES, MosaicStage, load_trajectory
 
-__all__ = ["Reconstructor"]
+__all__ = ["Reconstructor", "MODEL_NONE", "MODEL_LOADING", "MODEL_READY", "MODEL_ERROR",
+           "ST_DISABLED", "ST_IDLE", "ST_RUNNING", "ST_OVERLOAD", "ST_ERROR", "PRE_PVS"]
 
 _log = logging.getLogger(__name__)
 
+#: ModelStatus_RBV states, in the order of db/
 MODEL_NONE, MODEL_LOADING, MODEL_READY, MODEL_ERROR = range(4)
+#: Status_RBV states, in the order of db/
 ST_DISABLED, ST_IDLE, ST_RUNNING, ST_OVERLOAD, ST_ERROR = range(5)
 CONNECT_TIMEOUT_S = 5.0
 #: the pre-processing setpoints (each has a _RBV)
@@ -197,7 +200,7 @@ class Reconstructor:
             d.set("Enable_RBV", value)
 
         @on("InputPV")
-        def _input_pv(value: str) -> None:
+        def _input_pv(value: str) -> str:
             value = value.strip()
             self._gaps["monitor"].reset()
             d.set("InputPV_RBV", value)

@@ -97,7 +97,7 @@ class SimDetector:
                 return None
             if self._acquiring:
                 return Busy(1, self._done) if self._done is not None else None
-            self._done: Future = Future()
+            self._done = Future()
             self._stop.clear()
             self._acquiring = True
             d.set("cam1:Acquire_RBV", 1)
@@ -254,7 +254,8 @@ class SimDetector:
             self.update_status()
             d.set("cam1:Acquire", 0)
             d.set("cam1:Acquire_RBV", 0)
-            self._done.set_result(None)
+            if self._done is not None:  # always set by the Acquire handler that started this loop
+                self._done.set_result(None)
 
     def _publish(self, source: FrameSource) -> bool:
         d = self.device

@@ -181,12 +181,12 @@ class Preprocess:
             return plan
         self.output_shape((H, W))
         r0, c0, h, w = self._window(H, W)
+        rows: np.ndarray | slice
+        cols: np.ndarray | slice
         if self.fftshift:
-            rows = (np.arange(r0, r0 + h) - H // 2) % H
-            cols = (np.arange(c0, c0 + w) - W // 2) % W
             # a contiguous run in raw coordinates can still be a slice
-            rows = _as_slice(rows)
-            cols = _as_slice(cols)
+            rows = _as_slice((np.arange(r0, r0 + h) - H // 2) % H)
+            cols = _as_slice((np.arange(c0, c0 + w) - W // 2) % W)
         else:
             rows, cols = slice(r0, r0 + h), slice(c0, c0 + w)
         dark = None
@@ -253,10 +253,6 @@ class Preprocess:
             out /= norm[:, None, None]
         return out[0] if single else out
 
-    def finite_mask(self, frames: np.ndarray) -> np.ndarray:
-        """Boolean (n,): True where a frame holds no NaN or inf."""
-        return finite_mask(frames)
-
     # -- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(replace(self, dark=None)).items() if k in _JSON_FIELDS}
@@ -272,7 +268,8 @@ class Preprocess:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], load_dark: bool = False) -> "Preprocess":
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        """Settings from a dict (the keys of :meth:`to_dict`); raises ValueError for bad ones."""
         if not isinstance(d, dict):
             raise ValueError(f"pre-processing settings must be a JSON object, not {type(d).__name__}")
         names = {f.name for f in fields(cls)} - {"dark"}
@@ -286,21 +283,18 @@ class Preprocess:
             if not isinstance(cc, (list, tuple)) or len(cc) != 2:
                 raise ValueError(f"crop_center must be [row, col], not {cc!r}")
             kw["crop_center"] = tuple(cc)
-        pre = cls(**kw)
-        if load_dark and pre.dark_path:
-            pre.dark = np.load(pre.dark_path)
-        return pre.validate()
+        return cls(**kw).validate()
 
     @classmethod
-    def from_json(cls, text: str | bytes | dict, load_dark: bool = False) -> "Preprocess":
+    def from_json(cls, text: str | bytes | dict[str, Any]) -> "Preprocess":
         """Inverse of :meth:`to_json`; raises ValueError for bad JSON or settings."""
         if isinstance(text, dict):
-            return cls.from_dict(text, load_dark)
+            return cls.from_dict(text)
         try:
             d = json.loads(text)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"pre-processing settings are not valid JSON: {exc}") from None
-        return cls.from_dict(d, load_dark)
+        return cls.from_dict(d)
 
 
 def _is_int(v: Any) -> bool:
@@ -320,7 +314,7 @@ def _bin_sum(src: np.ndarray, b: int, out: np.ndarray) -> None:
     over a 5-D reshape, and needs no float copy of the full-resolution frames.
     """
     n, h, w = src.shape
-    kw = {"dtype": np.float32, "casting": "unsafe"}
+    kw: dict[str, Any] = {"dtype": np.float32, "casting": "unsafe"}
     rows = src.reshape(n, h // b, b, w)
     tmp = np.empty((n, h // b, w), dtype=np.float32)
     np.add(rows[:, :, 0], rows[:, :, 1], out=tmp, **kw)

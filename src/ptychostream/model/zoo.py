@@ -1,11 +1,12 @@
 """Real PtychoNN-class ONNX networks built with ``onnx.helper`` and numpy (no torch).
 
-Used by tests, benchmarks and demos. The graphs are what a PyTorch export of
-PtychoNN looks like: an encoder of ``depth`` blocks [Conv3×3+ReLU, Conv3×3+ReLU,
-MaxPool 2] with base·2^k channels, then one decoder per head of ``depth`` blocks
-[Conv3×3+ReLU ×2, bilinear Resize ×2] and a Conv3×3 to one channel; the phase
-head ends in tanh·π, the amplitude head in a sigmoid. Weights are He-initialised
-from ``seed``, so the outputs are deterministic but meaningless.
+Used by tests, benchmarks and demos. The graph is the layout of
+:class:`ptychostream.model.network.NetLayout` as a PyTorch export of it looks (BatchNorm
+folded): an encoder of ``depth`` blocks [Conv3×3+ReLU ×2, MaxPool 2] with base·2^k channels,
+optionally a Slice to the central bottleneck cells, then one decoder per head of ``depth``
+blocks [Conv3×3+ReLU ×2, bilinear Resize ×2] and a Conv3×3 to one channel; the phase head
+ends in tanh·π, the amplitude head in a sigmoid. Weights are He-initialised from ``seed``,
+so the outputs are deterministic but meaningless.
 
 ``build_ptychonn_onnx(path, size=128, heads=("phase",), base_channels=16, depth=4)``
 is the "PtychoNN 2.0" edge network (733,921 parameters); with
@@ -23,42 +24,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["build_ptychonn_onnx", "param_count", "count_parameters"]
+from ptychostream.model.info import count_parameters
+from ptychostream.model.network import NetLayout
 
-#: ops whose constant inputs are shapes/scales/indices, not learned weights
-_NON_WEIGHT_OPS = frozenset({
-    "Resize", "Upsample", "Reshape", "Expand", "Slice", "Pad", "Tile", "ConstantOfShape",
-    "Squeeze", "Unsqueeze", "Range", "Shape", "Transpose", "Split", "ReduceMean", "ReduceSum",
-})
-
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-
-
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Learned parameters: elements of floating initializers that feed weight-bearing ops.
-
-    Initializers used only as shape/scale arguments (Resize scales, Reshape shapes…)
-    are not counted. Works on models loaded without their external data.
-    """
-    graph = model.graph
-    consumers: dict[str, set[str]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                consumers.setdefault(name, set()).add(node.op_type)
-    total = 0
-    for init in graph.initializer:
-        if init.data_type not in _FLOAT_TYPES:
-            continue
-        ops = consumers.get(init.name, set())
-        if ops and ops <= _NON_WEIGHT_OPS:
-            continue
-        total += int(np.prod(init.dims, dtype=np.int64)) if len(init.dims) else 1
-    return total
-
+__all__ = ["build_ptychonn_onnx", "param_count", "ir_version_for"]
 
 def param_count(path: str | Path) -> int:
-    """Number of learned parameters in the ONNX file at ``path`` (see :func:`count_parameters`)."""
+    """Number of learned parameters in the ONNX file at ``path`` (see :func:`ptychostream.model.info.count_parameters`)."""
     return count_parameters(onnx.load(str(path), load_external_data=False))
 
 
@@ -95,8 +67,8 @@ class _GraphBuilder:
         return self.node("Relu", [self.conv(x, cin, cout)], "relu")
 
 
-def _ir_version(opset: int) -> int:
-    # the oldest IR version that carries the opset, so older runtimes/parsers load it
+def ir_version_for(opset: int) -> int:
+    """The oldest ONNX IR version that carries ``opset``, so that older runtimes and parsers load the file."""
     if opset <= 15:
         return 8 if opset >= 15 else 7
     if opset <= 17:
@@ -122,26 +94,27 @@ def build_ptychonn_onnx(
     concat_heads: bool = False,
     output_rank: int = 4,
     name: str = "ptychonn",
+    output_size: int | None = None,
 ) -> str:
     """Write a PtychoNN-class ONNX model to ``path`` and return the path as a string.
 
+    The layout is :class:`~ptychostream.model.network.NetLayout` ``(size, base_channels, depth,
+    heads, output_size)`` (``output_size`` < ``size``: the decoders start from the central cells
+    of the bottleneck and give the central output_size² pixels).
     ``heads``: any of "phase"/"amplitude" in graph-output order. ``output_names``
     renames the graph outputs (default: the head names). ``concat_heads`` puts the
     heads into one (n, len(heads), h, w) output named "output" instead.
     ``output_rank`` 3 squeezes the channel axis of each (single-channel) output.
     ``metadata`` goes to ``metadata_props``; non-string values are JSON-encoded.
     """
-    heads = tuple(heads)
-    if not heads or len(set(heads)) != len(heads) or not set(heads) <= {"phase", "amplitude"}:
-        raise ValueError(f"heads must be distinct names from ('phase', 'amplitude'), got {heads}")
+    layout = NetLayout(size, base_channels, depth, tuple(heads), output_size, batchnorm=False)
+    heads, out = layout.heads, layout.out_size
     if input_rank not in (3, 4):
         raise ValueError(f"input_rank must be 3 or 4, got {input_rank}")
     if output_rank not in (3, 4):
         raise ValueError(f"output_rank must be 3 or 4, got {output_rank}")
     if concat_heads and output_rank != 4:
         raise ValueError("concat_heads needs output_rank 4")
-    if depth < 1 or size % (2 ** depth):
-        raise ValueError(f"size {size} must be divisible by 2**depth = {2 ** depth}")
     n_out = 1 if concat_heads else len(heads)
     if output_names is None:
         output_names = ("output",) if concat_heads else heads
@@ -156,45 +129,44 @@ def build_ptychonn_onnx(
     if input_rank == 3:
         x = g.node("Unsqueeze", [x, g.init("axes", np.array([1], dtype=np.int64))], "unsq")
 
-    chans = [base_channels * 2 ** k for k in range(depth)]
-    cin = 1
-    for c in chans:
+    for cin, c in layout.encoder_blocks:
         x = g.conv_relu(x, cin, c)
         x = g.conv_relu(x, c, c)
         x = g.node("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])
-        cin = c
-    encoded, enc_c = x, cin
+    if layout.skip:
+        lo, hi = layout.skip, layout.skip + layout.cells
+        x = g.node("Slice", [x, g.init("starts", np.array([lo, lo], dtype=np.int64)),
+                             g.init("ends", np.array([hi, hi], dtype=np.int64)),
+                             g.init("axes", np.array([2, 3], dtype=np.int64))], "crop")
+    encoded = x
 
     scales = g.init("scales", np.array([1.0, 1.0, 2.0, 2.0], dtype=np.float32))
     pi = g.node("Constant", [], "pi", value=numpy_helper.from_array(np.array(np.pi, dtype=np.float32)))
+    activations = {"tanh_pi": lambda y: g.node("Mul", [g.node("Tanh", [y], "tanh"), pi], "phase"),
+                   "sigmoid": lambda y: g.node("Sigmoid", [y], "amp")}
     head_out: list[str] = []
     for head in heads:
-        x, cin = encoded, enc_c
-        for c in reversed(chans):
+        x = encoded
+        for cin, c in layout.decoder_blocks:
             x = g.conv_relu(x, cin, c)
             x = g.conv_relu(x, c, c)
             x = g.node("Resize", [x, "", scales], "up", mode="linear",
                        coordinate_transformation_mode="half_pixel")
-            cin = c
-        x = g.conv(x, cin, 1, gain=0.3)
-        if head == "phase":
-            x = g.node("Mul", [g.node("Tanh", [x], "tanh"), pi], "phase")
-        else:
-            x = g.node("Sigmoid", [x], "amp")
-        head_out.append(x)
+        x = g.conv(x, layout.channels[0], 1, gain=0.3)
+        head_out.append(activations[layout.activation(head)](x))
 
     if concat_heads:
         g.node("Concat", head_out, output=output_names[0], axis=1)
-        out_shapes = [[batch, len(heads), size, size]]
+        out_shapes = [[batch, len(heads), out, out]]
     else:
         out_shapes = []
         for x, oname in zip(head_out, output_names):
             if output_rank == 3:
                 g.node("Squeeze", [x, g.init("axes", np.array([1], dtype=np.int64))], output=oname)
-                out_shapes.append([batch, size, size])
+                out_shapes.append([batch, out, out])
             else:
                 g.node("Identity", [x], output=oname)
-                out_shapes.append([batch, 1, size, size])
+                out_shapes.append([batch, 1, out, out])
 
     graph = helper.make_graph(
         g.nodes, name,
@@ -204,7 +176,7 @@ def build_ptychonn_onnx(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="ptychostream.modelzoo")
-    model.ir_version = _ir_version(opset)
+    model.ir_version = ir_version_for(opset)
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key = str(key)
@@ -225,13 +197,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--heads", default="phase", help="comma list of phase,amplitude")
     ap.add_argument("--base-channels", type=int, default=16)
     ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--output-size", type=int, default=None, help="central output patch (default: --size)")
     ap.add_argument("--fixed-batch", type=int, default=None)
     ap.add_argument("--input-name", default="input")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     p = build_ptychonn_onnx(a.path, size=a.size, heads=tuple(a.heads.split(",")),
                             base_channels=a.base_channels, depth=a.depth,
-                            fixed_batch=a.fixed_batch, input_name=a.input_name, seed=a.seed)
+                            fixed_batch=a.fixed_batch, input_name=a.input_name, seed=a.seed,
+                            output_size=a.output_size)
     print(f"{p}: {param_count(p):,} parameters")
     return 0
 

@@ -11,7 +11,7 @@ Three sources are supported:
   done: it shears mosaics when patches run ahead of positions.
 * :class:`TimestampMatcher`: scalar motor readbacks matched by timestamp (the fallback).
 * :class:`PatternPositions` / :func:`trajectory_from_file`: a known trajectory indexed by frame
-  number (``index = uid - first_uid``), loaded from HDF5, CSV or NPZ.
+  number (``index = uid - first_uid``), loaded from HDF5, CSV, NPY or NPZ.
 
 The joiner holds opaque items (a patch index, a batch reference...): it never looks into them.
 
@@ -32,7 +32,6 @@ Restarts and duplicates (PositionJoiner)
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections import OrderedDict, deque
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ptychostream.files.positions import read_positions
 
 __all__ = [
     "PatternPositions",
@@ -441,119 +442,26 @@ class PatternPositions:
         return out
 
 
-_Y_NAMES = ("probe_position_y_m", "y_m", "y", "pos_y", "posy", "position_y", "ypos")
-_X_NAMES = ("probe_position_x_m", "x_m", "x", "pos_x", "posx", "position_x", "xpos")
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-    except ValueError:
-        return False
-    return True
-
-
-def _pick(names: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str:
-    low = {n.lower().strip(): n for n in names}
-    if wanted is not None:
-        if wanted.lower() in low:
-            return low[wanted.lower()]
-        raise KeyError(f"no {what} column/dataset {wanted!r}; have {list(names)}")
-    for c in candidates:
-        if c in low:
-            return low[c]
-    raise KeyError(f"no {what} column/dataset among {list(names)}")
-
-
-def _xy_to_yx(arr: np.ndarray, order: str) -> np.ndarray:
-    a = np.asarray(arr, dtype=np.float64)
-    if a.ndim != 2 or a.shape[1] != 2:
-        if a.ndim == 2 and a.shape[0] == 2:
-            a = a.T
-        else:
-            raise ValueError(f"position array must be (N, 2), got {a.shape}")
-    if order not in ("yx", "xy"):
-        raise ValueError("order must be 'yx' or 'xy'")
-    return a if order == "yx" else a[:, ::-1].copy()
-
-
 def trajectory_from_file(path: str | Path, *, first_uid: int = 1, y_name: str | None = None,
                          x_name: str | None = None, key: str | None = None,
                          order: str = "yx", scale: float = 1.0) -> PatternPositions:
     """Load a scan trajectory (metres, (y, x)) indexed by frame number.
 
+    The file is read by :func:`ptychostream.files.positions.read_positions`:
+
     * HDF5 (``.h5``, ``.hdf5``, ``.hdf``, ``.nxs``, ``.cxi``): datasets ``y_name``/``x_name``
       (default ``probe_position_y_m``/``probe_position_x_m``, the Ptychodus names, searched at
       the root and then anywhere in the file), or an (N, 2) dataset ``key``
       (default ``position``), ordered by ``order``.
-    * CSV (``.csv``, ``.txt``, ``.dat``): a header row naming the columns; y/x columns are
+    * CSV (``.csv``, ``.txt``, ``.dat``, ``.tsv``): a header row naming the columns; y/x columns are
       ``y_name``/``x_name`` or the first of ``y, y_m, probe_position_y_m, ...``. Comma or
       whitespace separated.
     * NPZ: ``probe_position_y_m``/``probe_position_x_m`` arrays, else (N, 2) ``key``
       (default ``position``, PtychoNN training files), ordered by ``order``.
+    * NPY: an (N, 2) array ordered by ``order``.
 
-    ``scale`` multiplies the values (e.g. 1e-6 for files in micrometres).
+    ``scale`` multiplies the values (e.g. 1e-6 for files in micrometres).  NaN rows are kept:
+    those frames come out unpositioned.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".h5", ".hdf5", ".hdf", ".nxs", ".cxi"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            found: dict[str, str] = {}
-
-            def visit(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    found.setdefault(name.rsplit("/", 1)[-1].lower(), name)
-
-            f.visititems(visit)
-            yk = y_name or "probe_position_y_m"
-            xk = x_name or "probe_position_x_m"
-            ypath = yk if yk in f else found.get(yk.lower())
-            xpath = xk if xk in f else found.get(xk.lower())
-            if ypath is not None and xpath is not None and key is None:
-                p = np.column_stack([np.asarray(f[ypath][()], np.float64).reshape(-1),
-                                     np.asarray(f[xpath][()], np.float64).reshape(-1)])
-            else:
-                k = key or "position"
-                kpath = k if k in f else found.get(k.lower()) or found.get(k.lower() + "s")
-                if kpath is None:
-                    raise KeyError(f"{path}: no {yk}/{xk} datasets and no {k!r} dataset")
-                p = _xy_to_yx(f[kpath][()], order)
-    elif suffix == ".npz":
-        with np.load(path) as z:
-            names = list(z.files)
-            try:
-                yk = _pick(names, y_name, ("probe_position_y_m",), "y")
-                xk = _pick(names, x_name, ("probe_position_x_m",), "x")
-                use_pair = key is None
-            except KeyError:
-                use_pair = False
-            if use_pair:
-                p = np.column_stack([np.asarray(z[yk], np.float64).reshape(-1),
-                                     np.asarray(z[xk], np.float64).reshape(-1)])
-            else:
-                k = _pick(names, key, ("position", "positions", "pos"), "position")
-                p = _xy_to_yx(z[k], order)
-    elif suffix in (".csv", ".txt", ".dat", ".tsv"):
-        with open(path, newline="") as fh:
-            lines = [ln for ln in fh.read().splitlines()
-                     if ln.strip() and not ln.lstrip().startswith("#")]
-        if not lines:
-            raise ValueError(f"{path}: empty trajectory file")
-        delim = "," if "," in lines[0] else ("\t" if "\t" in lines[0] else None)
-        if delim is None:
-            rows = [ln.split() for ln in lines]
-        else:
-            rows = list(csv.reader(lines, delimiter=delim))
-        header = [h.strip() for h in rows[0]]
-        if all(_is_number(v) for v in header):
-            raise ValueError(f"{path}: CSV trajectory needs a header row naming y and x")
-        yi = header.index(_pick(header, y_name, _Y_NAMES, "y"))
-        xi = header.index(_pick(header, x_name, _X_NAMES, "x"))
-        data = rows[1:]
-        p = np.array([[float(r[yi]), float(r[xi])] for r in data], dtype=np.float64)
-        p = p.reshape(-1, 2)
-    else:
-        raise ValueError(f"{path}: unknown trajectory format {suffix!r} (HDF5, CSV or NPZ)")
+    p = read_positions(path, y_name=y_name, x_name=x_name, key=key, order=order, allow_nan=True)
     return PatternPositions(p * float(scale), first_uid=first_uid)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ptychostream.core.frames import BatchResult
 from ptychostream.core.stats import Counters, LatencyWindow, RateMeter
+from ptychostream.model.infer import Model
 from ptychostream.model.preprocess import Preprocess, finite_mask
 from ptychostream.pipeline.publish import Publisher
 from ptychostream.pipeline.queue import FrameQueue, QueuedFrame
@@ -45,17 +46,16 @@ class Batcher(threading.Thread):
         self.rate = rate
         self.on_reject = on_reject
         self.batch_size = 64
-        self.model = None
+        self.model: Model | None = None
         self.preprocess: Preprocess | None = None
-        self._next: tuple[object, Preprocess] | None = None
+        self._next: tuple[Model | None, Preprocess] | None = None
         self._taken: list[threading.Event] = []
-        self._retired: list[object] = []
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._shape_ok: dict[tuple[int, ...], bool] = {}
 
     # -- control (any thread) ---------------------------------------------------
-    def swap(self, model, preprocess: Preprocess) -> threading.Event:
+    def swap(self, model: Model | None, preprocess: Preprocess) -> threading.Event:
         """Serve ``model`` from the next batch on; the old model is closed after that batch.
 
         The returned event is set once the loop has switched (so "Ready" means serving).
@@ -67,6 +67,7 @@ class Batcher(threading.Thread):
         return taken
 
     def set_preprocess(self, preprocess: Preprocess) -> None:
+        """Use ``preprocess`` from the next batch on, with the current (or pending) model."""
         with self._lock:
             model = self._next[0] if self._next else self.model
             self._next = (model, preprocess)
@@ -74,6 +75,7 @@ class Batcher(threading.Thread):
             self._take_swap()
 
     def stop(self) -> None:
+        """End the loop after the batch in hand; the serving model is closed."""
         self._stop_event.set()
 
     # -- loop ---------------------------------------------------------------------
@@ -110,56 +112,71 @@ class Batcher(threading.Thread):
                 continue
             try:
                 self.process(batch)
-            except Exception as exc:  # a failing batch is counted, the loop goes on
-                _log.exception("inference failed")
-                self.counters.add("rejected", len(batch))
-                self.on_reject(len(batch), f"inference failed: {exc}")
+            except Exception:  # process() has counted every frame; the loop goes on
+                _log.exception("batch failed")
             finally:
                 self.queue.done(len(batch))
         if self.model is not None:
             self.model.close()
 
-    def _fits(self, shape: tuple[int, ...]) -> bool:
+    def _fits(self, model: Model, pre: Preprocess, shape: tuple[int, ...]) -> bool:
         ok = self._shape_ok.get(shape)
         if ok is None:
             try:
-                ok = tuple(self.preprocess.output_shape(shape)) == tuple(self.model.info.input_shape)
+                ok = tuple(pre.output_shape(shape)) == tuple(model.info.input_shape)
             except ValueError:
                 ok = False
             self._shape_ok[shape] = ok
         return ok
 
+    def _reject(self, n: int, reason: str) -> None:
+        self.counters.add("rejected", n)
+        self.on_reject(n, reason)
+
     def process(self, batch: list[QueuedFrame]) -> None:
+        """Infer a batch with the serving model; every frame counts once, processed or rejected.
+
+        Frames that do not fit the model or hold NaN/inf are rejected and the rest go on;
+        frames of different raw shapes that all fit (through a crop) are inferred per shape.
+        """
         model, pre = self.model, self.preprocess
-        fits = [q.frame.array.ndim == 2 and self._fits(q.frame.array.shape) for q in batch]
+        if model is None or pre is None:
+            raise RuntimeError("process() needs a model: swap one in first")
+        fits = [q.frame.array.ndim == 2 and self._fits(model, pre, q.frame.array.shape) for q in batch]
         good = [q for q, ok in zip(batch, fits) if ok]
         if len(good) < len(batch):
             bad = [q for q, ok in zip(batch, fits) if not ok]
-            shape = bad[0].frame.array.shape
-            self.counters.add("rejected", len(bad))
-            self.on_reject(len(bad), f"frame shape {shape} does not fit the model input "
-                                     f"{tuple(model.info.input_shape)} with this pre-processing")
-        if not good:
-            return
-        raw = np.stack([q.frame.array for q in good])
+            self._reject(len(bad), f"frame shape {bad[0].frame.array.shape} does not fit the model input "
+                                   f"{tuple(model.info.input_shape)} with this pre-processing")
+        by_shape: dict[tuple[int, ...], list[QueuedFrame]] = {}
+        for q in good:
+            by_shape.setdefault(q.frame.array.shape, []).append(q)
+        for group in by_shape.values():
+            self._infer(model, pre, group)
+
+    def _infer(self, model: Model, pre: Preprocess, group: list[QueuedFrame]) -> None:
+        """Infer and publish frames of one shape (NaN/inf frames rejected first)."""
+        raw = np.stack([q.frame.array for q in group])
         if raw.dtype.kind == "f":
             finite = finite_mask(raw)
             if not finite.all():
-                nbad = int((~finite).sum())
-                self.counters.add("rejected", nbad)
-                self.on_reject(nbad, "frame contains NaN or inf")
-                good = [q for q, ok in zip(good, finite) if ok]
+                self._reject(int((~finite).sum()), "frame contains NaN or inf")
+                group = [q for q, ok in zip(group, finite) if ok]
                 raw = raw[finite]
-                if not good:
+                if not group:
                     return
-        x = pre.apply(raw)
-        outputs = model.infer(x)
-        now = time.monotonic()
-        latency = np.array([now - q.received for q in good])
-        self.publisher.publish(BatchResult(
-            frames=[q.frame for q in good], outputs=outputs, latency_s=latency,
-            model_id=model.info.model_id, pixel_m=model.info.pixel_m,
-        ))
+        try:
+            outputs = model.infer(pre.apply(raw))
+            now = time.monotonic()
+            latency = np.array([now - q.received for q in group])
+            self.publisher.publish(BatchResult(
+                frames=[q.frame for q in group], outputs=outputs, latency_s=latency,
+                model_id=model.info.model_id, pixel_m=model.info.pixel_m,
+            ))
+        except Exception as exc:  # a failing batch is counted, the loop goes on
+            _log.exception("inference failed")
+            self._reject(len(group), f"inference failed: {exc}")
+            return
         self.latency.add_many(latency)
-        self.rate.add(len(good), now)
-        self.counters.add("processed", len(good))
+        self.rate.add(len(group), now)
+        self.counters.add("processed", len(group))

@@ -20,13 +20,16 @@ class Publisher:
 
     IMAGE_PVS = {"phase": "Phase", "amplitude": "Amplitude"}
 
-    def __init__(self, device: DeviceState) -> None:
+    def __init__(self, device: DeviceState, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` (seconds, monotonic) times the decimation."""
         self.device = device
+        self.clock = clock
         self.rate_hz = 0.0
         self._next = 0.0
         self.listeners: list[Callable[[BatchResult], None]] = []
 
     def set_rate(self, rate_hz: float) -> float:
+        """Cap the image posts at ``rate_hz`` (0 or less: every frame); the next result posts at once."""
         self.rate_hz = max(0.0, float(rate_hz))
         self._next = 0.0
         return self.rate_hz
@@ -35,13 +38,15 @@ class Publisher:
         self.listeners = [*self.listeners, listener]  # copy-on-write: publish() may be iterating
 
     def remove_listener(self, listener: Callable[[BatchResult], None]) -> None:
-        self.listeners = [x for x in self.listeners if x is not listener]
+        """Stop calling ``listener``; a bound method matches its equal (``rec.submit`` is new each time)."""
+        self.listeners = [x for x in self.listeners if x != listener]
 
     def publish(self, result: BatchResult) -> None:
+        """Hand ``result`` to every listener, then post its images (the last frame only when rate-limited)."""
         for listener in self.listeners:
             listener(result)
         if self.rate_hz > 0:
-            now = time.monotonic()
+            now = self.clock()
             if now < self._next:
                 return
             self._next = now + 1.0 / self.rate_hz

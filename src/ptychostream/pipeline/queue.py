@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FrameQueue", "POLICIES"]
+__all__ = ["FrameQueue", "QueuedFrame", "POLICIES"]
 
 #: order matches the BacklogPolicy enum in db/
 POLICIES = ("DropNewest", "DropOldest")
@@ -42,6 +42,7 @@ class FrameQueue:
         return self.limit
 
     def set_policy(self, policy: str) -> str:
+        """Choose what a full queue drops (one of :data:`POLICIES`)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.policy = policy
@@ -82,6 +83,7 @@ class FrameQueue:
             self.inflight -= n
 
     def clear(self) -> int:
+        """Drop every waiting frame (not those in flight); returns how many."""
         with self._cond:
             n = len(self._items)
             self._items.clear()
@@ -92,5 +94,6 @@ class FrameQueue:
 
     @property
     def backlog(self) -> int:
-        """Frames waiting or being inferred."""
-        return len(self._items) + self.inflight
+        """Frames waiting or being inferred (read together, so a batch being taken counts once)."""
+        with self._cond:
+            return len(self._items) + self.inflight

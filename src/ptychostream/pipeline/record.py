@@ -1,21 +1,8 @@
 """Record: per-frame results, positions and the final mosaic to HDF5 (NeXus-like), off the live path.
 
-Layout (``NX_class`` attributes on the groups)::
-
-    /entry                         NXentry: program, model_id, model_path, start_time, end_time
-    /entry/data                    NXdata (signal = phase)
-        phase       (N, h, w) float32, radians
-        amplitude   (N, h, w) float32            (when the model gives it)
-        unique_id   (N,) int64                   NTNDArray uniqueId of the input frame
-        timestamp   (N,) float64                 EPICS time stamp of the input frame, s since 1970
-        position_x_m, position_y_m (N,) float64  from the frame's NDAttributes (NaN if absent)
-        latency_ms  (N,) float32
-    /entry/instrument/detector/data (N, H, W)    diffraction frames (CaptureFrames=Yes)
-    /entry/mosaic                  NXdata: phase, amplitude, coverage (H, W) float32;
-                                   attrs pixel_size_m, origin_x_m, origin_y_m, n_patches
-
-Writing happens on its own thread behind a bounded queue: the inference loop never waits;
-batches that do not fit are counted as dropped.
+The layout is described (and read back) by :mod:`ptychostream.files.record`.  Writing happens on
+its own thread behind a bounded queue: the inference loop never waits; batches that do not fit
+are counted as dropped.
 """
 
 from __future__ import annotations
@@ -31,8 +18,9 @@ import h5py
 import numpy as np
 
 from ptychostream.core.frames import BatchResult
+from ptychostream.files.record import DATA, DETECTOR, ENTRY, MOSAIC, read_record
 
-__all__ = ["Recorder", "read_record", "training_pairs"]
+__all__ = ["Recorder", "read_record"]
 
 _log = logging.getLogger(__name__)
 
@@ -57,10 +45,10 @@ class Recorder:
         if not parent.is_dir():
             raise OSError(f"folder {parent} does not exist")
         self._file = h5py.File(path, "w")  # raises OSError if unwritable
-        entry = self._file.create_group("entry")
+        entry = self._file.create_group(ENTRY)
         entry.attrs.update({"NX_class": "NXentry", "program": "ptychostream",
                             "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        data = entry.create_group("data")
+        data = self._file.create_group(DATA)
         data.attrs.update({"NX_class": "NXdata", "signal": "phase"})
         self._entry, self._data = entry, data
         self._thread = threading.Thread(target=self._run, name="ptychostream-record", daemon=True)
@@ -104,7 +92,7 @@ class Recorder:
         self._append(d, "position_x_m", xy[:, 0])
         self._append(d, "position_y_m", xy[:, 1])
         if self.frames:
-            det = self._file.require_group("entry/instrument/detector")
+            det = self._file.require_group(DETECTOR)
             det.attrs["NX_class"] = "NXdetector"
             self._append(det, "data", np.stack([fr.array for fr in r.frames]))
         self.written += len(r.frames)
@@ -130,7 +118,7 @@ class Recorder:
         self._thread.join()
         try:
             if mosaic is not None:
-                g = self._entry.create_group("mosaic")
+                g = self._file.create_group(MOSAIC)
                 g.attrs.update({"NX_class": "NXdata", "signal": "phase", "pixel_size_m": mosaic.pixel_m,
                                 "origin_y_m": mosaic.origin_m[0], "origin_x_m": mosaic.origin_m[1],
                                 "n_patches": mosaic.n_patches})
@@ -144,49 +132,3 @@ class Recorder:
             self.on_error(self.error)
         finally:
             self._file.close()
-
-
-def read_record(path: str) -> dict[str, Any]:
-    """Read a record back: {'data': {...}, 'mosaic': {... , attrs}, 'frames': array or None, 'attrs': {...}}."""
-    with h5py.File(path, "r") as fh:
-        entry = fh["entry"]
-        out: dict[str, Any] = {"attrs": dict(entry.attrs), "data": {k: v[()] for k, v in entry["data"].items()}}
-        if "mosaic" in entry:
-            m = entry["mosaic"]
-            out["mosaic"] = {k: v[()] for k, v in m.items()}
-            out["mosaic"].update({k: m.attrs[k] for k in m.attrs})
-        det = entry.get("instrument/detector/data")
-        out["frames"] = det[()] if det is not None else None
-    return out
-
-
-def training_pairs(record_path: str, product_path: str, out_path: str) -> int:
-    """Diffraction frames of a record + patches cut from a later iterative reconstruction.
-
-    ``product_path``: a Ptychodus product HDF5 (``object`` with ``pixel_width_m``) or a
-    PtychoNN-style NPZ with ``object`` and ``pixelsize``. Writes a PtychoNN NPZ
-    (``reciprocal``, ``real``, ``position``, ``pixelsize``) and returns the number of pairs.
-    """
-    from ptychostream.sim.forward import extract_patches
-
-    rec = read_record(record_path)
-    frames = rec["frames"]
-    if frames is None:
-        raise ValueError(f"{record_path} holds no diffraction frames: record with CaptureFrames=Yes")
-    pos = np.column_stack([rec["data"]["position_y_m"], rec["data"]["position_x_m"]])
-    ok = np.isfinite(pos).all(axis=1)
-    if not ok.any():
-        raise ValueError(f"{record_path}: no frame has a position")
-    if product_path.endswith(".npz"):
-        with np.load(product_path) as z:
-            obj, pixel = np.asarray(z["object"]), float(z["pixelsize"])
-    else:
-        with h5py.File(product_path, "r") as fh:
-            if "object" not in fh:
-                raise ValueError(f"{product_path} has no 'object' dataset")
-            ds = fh["object"]
-            obj, pixel = ds[()], float(ds.attrs["pixel_width_m"])
-    obj = obj.reshape(obj.shape[-2:]) if obj.ndim > 2 else obj
-    patches = extract_patches(obj, pos[ok], pixel, rec["data"]["phase"].shape[-1])
-    np.savez(out_path, reciprocal=frames[ok], real=patches, position=pos[ok], pixelsize=pixel)
-    return int(ok.sum())

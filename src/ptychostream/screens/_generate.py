@@ -486,7 +486,7 @@ def _pydm_reconstructor() -> str:
     left_item = ET.SubElement(main, "item")
     left = d.layout(left_item, "QVBoxLayout", "leftColumn")
     left.set("stretch", "0,0,1")
-    status = [g for g in ("Model", "Control") if g in sections]
+    status: list[str] = [g for g in ("Model", "Control") if g in sections]
     for g in status:
         _ui_section(d, left, g, sections[g], prefix)
     rest = [g for g in sections if g not in status and g != "Status"]

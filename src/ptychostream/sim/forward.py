@@ -34,6 +34,8 @@ __all__ = [
     "centred",
     "extract_patches",
     "far_field",
+    "fourier_shift",
+    "frame_indices",
     "unshifted",
 ]
 
@@ -164,8 +166,13 @@ def _gather(obj: np.ndarray, plan: _PatchPlan, sel: np.ndarray, size: int) -> np
     return np.ascontiguousarray(windows[plan.top[sel], plan.left[sel]], dtype=np.complex64)
 
 
-def _fourier_shift(patches: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
-    """Apply the fractional shifts (only to patches that need one) in one batch of FFTs."""
+def fourier_shift(patches: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """Move each patch's content by (-fy, -fx) pixels (a Fourier shift, periodic over the patch).
+
+    ``patches`` (N, H, W) complex64; ``fy``/``fx`` (N,) fractional shifts in pixels.  Only the
+    patches with a non-zero shift are transformed, in one batch of FFTs; ``patches`` may be
+    modified in place and is returned when no patch needs a shift.
+    """
     need = np.flatnonzero((fy != 0) | (fx != 0))
     if need.size == 0:
         return patches
@@ -195,12 +202,16 @@ def extract_patches(obj: np.ndarray, positions_m: Any, pixel_m: float, size: int
     pos = _as_positions(positions_m)
     plan = _plan(arr.shape, pos, float(pixel_m), int(size))
     sel = np.arange(len(pos))
-    return _fourier_shift(_gather(arr, plan, sel, int(size)), plan.frac_y, plan.frac_x)
+    return fourier_shift(_gather(arr, plan, sel, int(size)), plan.frac_y, plan.frac_x)
 
 
 # --------------------------------------------------------------------------- simulator
-def _index(idx: Any, n: int) -> tuple[np.ndarray, bool]:
-    """Normalise an int / slice / list / array index into int64 indices; flag a scalar index."""
+def frame_indices(idx: Any, n: int) -> tuple[np.ndarray, bool]:
+    """``idx`` (int / slice / range / list / int or bool array) over ``n`` frames as int64 indices.
+
+    Returns (indices, scalar): ``scalar`` is True for a single integer index.  Raises
+    ``IndexError`` for out-of-range, non-integer or wrongly shaped boolean indices.
+    """
     if isinstance(idx, slice):
         return np.arange(n)[idx], False
     if isinstance(idx, range):
@@ -289,13 +300,15 @@ class Simulator:
         if crop is None:
             ch, cw = binned, binned
         else:
-            ch, cw = (crop, crop) if np.ndim(crop) == 0 else tuple(crop)  # type: ignore[misc]
-            if int(ch) != ch or int(cw) != cw or not (1 <= ch <= binned and 1 <= cw <= binned):
+            c = np.atleast_1d(np.asarray(crop, dtype=np.float64))
+            c = np.repeat(c, 2) if c.size == 1 else c
+            if c.shape != (2,) or np.any(c != np.round(c)) or not (1 <= c.min() and c.max() <= binned):
                 raise ValueError(f"crop must be 1..{binned} (the binned frame size), got {crop!r}")
-        self.crop = None if crop is None else (int(ch), int(cw))
-        self._rows = slice((binned - int(ch)) // 2, (binned - int(ch)) // 2 + int(ch))
-        self._cols = slice((binned - int(cw)) // 2, (binned - int(cw)) // 2 + int(cw))
-        self._shape = (int(ch), int(cw))
+            ch, cw = int(c[0]), int(c[1])
+        self.crop = None if crop is None else (ch, cw)
+        self._rows = slice((binned - ch) // 2, (binned - ch) // 2 + ch)
+        self._cols = slice((binned - cw) // 2, (binned - cw) // 2 + cw)
+        self._shape = (ch, cw)
 
         npix_out = self._shape[0] * self._shape[1]
         if int(hot_pixels) != hot_pixels or not 0 <= hot_pixels <= npix_out:
@@ -349,8 +362,8 @@ class Simulator:
     # -- physics ------------------------------------------------------------------------------
     def patches(self, idx: Any) -> np.ndarray:
         """True complex object patches (ground truth) for the frames ``idx``."""
-        ii, scalar = _index(idx, self.n)
-        p = _fourier_shift(_gather(self.obj, self._plan, ii, self.geometry.size),
+        ii, scalar = frame_indices(idx, self.n)
+        p = fourier_shift(_gather(self.obj, self._plan, ii, self.geometry.size),
                            self._plan.frac_y[ii], self._plan.frac_x[ii])
         return p[0] if scalar else p
 
@@ -360,7 +373,7 @@ class Simulator:
 
     def _clean_chunk(self, ii: np.ndarray) -> np.ndarray:
         """Scaled noise-free intensities (n, N, N) float32 for a chunk of indices."""
-        psi = _fourier_shift(_gather(self.obj, self._plan, ii, self.geometry.size),
+        psi = fourier_shift(_gather(self.obj, self._plan, ii, self.geometry.size),
                              self._plan.frac_y[ii], self._plan.frac_x[ii])
         psi *= self._probe_fft
         spectrum = np.fft.fft2(psi, norm="ortho")
@@ -388,7 +401,7 @@ class Simulator:
 
     def clean(self, idx: Any) -> np.ndarray:
         """Noise-free intensities (float32, full resolution, before beamstop and hot pixels)."""
-        ii, scalar = _index(idx, self.n)
+        ii, scalar = frame_indices(idx, self.n)
         n_px = self.geometry.size
         out = np.empty((len(ii), n_px, n_px), dtype=np.float32)
 
@@ -400,7 +413,7 @@ class Simulator:
 
     def expected(self, idx: Any) -> np.ndarray:
         """Noise-free frames after beamstop, binning and cropping (float32): the Poisson means."""
-        ii, scalar = _index(idx, self.n)
+        ii, scalar = frame_indices(idx, self.n)
         out = np.empty((len(ii), *self._shape), dtype=np.float32)
 
         def work(sub: np.ndarray, sl: slice) -> None:
@@ -423,7 +436,7 @@ class Simulator:
 
     def frames(self, idx: Any) -> np.ndarray:
         """Detector frames (``dtype``) with Poisson noise, beamstop, binning, crop and hot pixels."""
-        ii, scalar = _index(idx, self.n)
+        ii, scalar = frame_indices(idx, self.n)
         out = np.empty((len(ii), *self._shape), dtype=self.dtype)
         hot = self.hot_index
         flat_out = out.reshape(len(ii), -1)

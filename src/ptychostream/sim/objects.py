@@ -28,7 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from ptychostream.files.arrays import first_layer
+from ptychostream.files.hdf5 import dataset as h5_dataset
+from ptychostream.files.hdf5 import is_hdf5
 from ptychostream.files.paths import split_dataset_path
+from ptychostream.files.product import OBJECT
 
 __all__ = ["OBJECT_KINDS", "fit_object", "load_object", "make_object", "material", "seven_segment_mask"]
 
@@ -158,9 +162,11 @@ def _etched(shape: tuple[int, int], rng: np.random.Generator, *, scale: float = 
         depth = rng.choice([0.5, 1.0])
         angle = rng.uniform(0, np.pi)
         if kind == 0:
-            _box(t, cy, cx, *(rng.uniform(3, 20, size=2) * scale), angle, depth)
+            a, b = rng.uniform(3, 20, size=2) * scale
+            _box(t, cy, cx, a, b, angle, depth)
         elif kind == 1:
-            _ellipse(t, cy, cx, *(rng.uniform(3, 14, size=2) * scale), angle, depth)
+            a, b = rng.uniform(3, 14, size=2) * scale
+            _ellipse(t, cy, cx, a, b, angle, depth)
         else:
             length = rng.uniform(15, 80) * scale
             dy, dx = np.sin(angle) * length / 2, np.cos(angle) * length / 2
@@ -353,9 +359,6 @@ def make_object(kind: str, shape: tuple[int, int] = (512, 512), seed: int = 0, *
 
 
 # --------------------------------------------------------------------------- files
-_HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi", ".nx5")
-
-
 def _grey(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img, dtype=np.float64)
     if img.ndim == 3 and img.shape[-1] in (3, 4):
@@ -387,17 +390,12 @@ def load_object(path: str | Path, dataset: str | None = None, max_phase: float =
     """
     file, dataset = split_dataset_path(path, dataset, "object")
     where = str(file)
-    import h5py
+    if is_hdf5(file):
+        import h5py
 
-    if file.suffix.lower() in _HDF5_SUFFIXES or h5py.is_hdf5(file):
-        name = dataset or "object"
+        name = dataset or OBJECT
         with h5py.File(file, "r") as h5:
-            if name not in h5 or not isinstance(h5[name], h5py.Dataset):
-                found: list[str] = []
-                h5.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
-                raise ValueError(f"{file}: no dataset {name!r}; datasets present: {', '.join(found) or 'none'} "
-                                 "(pass dataset= or path::dataset)")
-            arr = np.asarray(h5[name][()])
+            arr = np.asarray(h5_dataset(h5, name, file)[()])
         where = f"{file}::{name}"
     elif file.suffix.lower() == ".npy":
         arr = np.load(file)
@@ -412,8 +410,7 @@ def load_object(path: str | Path, dataset: str | None = None, max_phase: float =
             raise ValueError(f"{file}: cannot read as an image ({exc})") from None
     if arr.ndim < 2:
         raise ValueError(f"{where}: object must be at least 2-D, got shape {arr.shape}")
-    while arr.ndim > 2:
-        arr = arr[0]
+    arr = first_layer(arr)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{where}: object contains NaN or infinite values")
     if np.iscomplexobj(arr):

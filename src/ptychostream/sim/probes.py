@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from ptychostream.files.arrays import first_layer, first_value
+from ptychostream.files.hdf5 import dataset as h5_dataset
 from ptychostream.files.paths import split_dataset_path
+from ptychostream.files.product import PIXEL_WIDTH, PROBE
 
 __all__ = ["PROBE_KINDS", "load_probe", "make_probe", "zoneplate_defocus_m"]
 
@@ -125,24 +128,14 @@ def load_probe(path: str | Path, dataset: str | None = None, normalize: bool = T
 
         if not h5py.is_hdf5(file):
             raise ValueError(f"{file}: not an HDF5 or .npy probe file")
-        name = dataset or "probe"
         with h5py.File(file, "r") as h5:
-            if name not in h5 or not isinstance(h5[name], h5py.Dataset):
-                found = []
-                h5.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
-                raise ValueError(f"{file}: no dataset {name!r} (datasets present: {', '.join(found) or 'none'})")
-            ds = h5[name]
+            ds = h5_dataset(h5, dataset or PROBE, file)
             arr = ds[()]
-            for attrs in (ds.attrs, h5.attrs):
-                if "pixel_width_m" in attrs:
-                    pixel = float(np.asarray(attrs["pixel_width_m"]).ravel()[0])
-                    break
+            pixel = next((first_value(a[PIXEL_WIDTH]) for a in (ds.attrs, h5.attrs) if PIXEL_WIDTH in a), None)
     arr = np.asarray(arr)
     if arr.ndim < 2:
         raise ValueError(f"{file}: probe must be at least 2-D, got shape {arr.shape}")
-    while arr.ndim > 2:
-        arr = arr[0]
-    probe = arr.astype(np.complex64)
+    probe = first_layer(arr).astype(np.complex64)
     if not np.all(np.isfinite(probe)):
         raise ValueError(f"{file}: probe contains NaN or infinite values")
     return (_normalise(probe) if normalize else probe), pixel

@@ -13,10 +13,10 @@
   C1 = amplitude), or a Ptychodus product HDF5 (``object``, ``probe_position_x_m``/``_y_m``)
   together with its diffraction file (``--frames FILE``): the patches are cut at the positions.
 
-The network (:func:`build_net`) follows :mod:`ptychostream.model.zoo`: an encoder of ``depth``
-blocks [conv3×3+ReLU ×2, maxpool 2] with base·2^k channels, one decoder per head of ``depth``
-blocks [conv3×3+ReLU ×2, bilinear ×2] and a conv3×3 to one channel; phase = tanh·π, amplitude =
-sigmoid.  With ``--output-size`` smaller than the input the decoders start from the central
+The network (:func:`build_net`) is the one definition of :mod:`ptychostream.model.network`
+(the model zoo writes the same graph): an encoder of ``depth`` blocks [conv3×3+BN+ReLU ×2,
+maxpool 2] with base·2^k channels, one decoder per head of ``depth`` blocks [conv3×3+BN+ReLU ×2,
+bilinear ×2] and a conv3×3 to one channel; phase = tanh·π, amplitude = sigmoid.  With ``--output-size`` smaller than the input the decoders start from the central
 cells of the bottleneck and give the central ``output-size``² of the patch: only the area the
 probe lights can be learned, and a patch that holds just that area stitches into a sharper
 mosaic (see docs/quality.md).  ``auto`` picks the square around 97 % of the probe's intensity.
@@ -31,15 +31,18 @@ the error's finite differences (``--grad-weight``) for sharper edges, and ``--in
 to continue from an exported model (the seed's retraining after each scan).
 
 The export has a dynamic batch dimension (opset 17), the pre-processing (``Preprocess``) and
-the rest of the metadata ``ptychostream.*`` (see :mod:`ptychostream.model.infer`), is checked against
+the rest of the metadata ``ptychostream.*`` (see :mod:`ptychostream.model.info`), is checked against
 torch with onnxruntime (1e-4) and with ``open_model(...).selftest()``, and is written to a
 temporary file beside the target and renamed over it only when all checks pass."""
 
-from ptychostream.model.network import build_net
+from ptychostream.model.network import build_net, load_conv_weights, net_from_onnx
 from ptychostream.train.cli import add_train_parser
 from ptychostream.train.config import TRAIN_KINDS, TrainConfig, TrainError, probe_weight
 from ptychostream.train.data import ArraySource, SimSource, load_pairs
 from ptychostream.train.export import export_onnx
-from ptychostream.train.loop import load_conv_weights, net_from_onnx, train, warm_start
+from ptychostream.train.loop import train, warm_start
 
-__all__ = ['TRAIN_KINDS', 'TrainConfig', 'TrainError', 'ArraySource', 'SimSource', 'build_net', 'export_onnx', 'load_conv_weights', 'load_pairs', 'net_from_onnx', 'probe_weight', 'train', 'warm_start', 'add_train_parser']
+__all__ = [
+    "TRAIN_KINDS", "TrainConfig", "TrainError", "ArraySource", "SimSource", "build_net", "export_onnx",
+    "load_conv_weights", "load_pairs", "net_from_onnx", "probe_weight", "train", "warm_start", "add_train_parser",
+]

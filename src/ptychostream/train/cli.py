@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Any
+from typing import Any, Sequence
 
-from ptychostream.train.config import PRECISIONS, TrainConfig, TrainError, parse_range
+from ptychostream.train.config import PRECISIONS, TrainConfig, TrainError
 from ptychostream.train.loop import train
 
+__all__ = ["add_train_parser", "config_from_args"]
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+
+def _parse_range(text: str | float | Sequence[float], what: str, positive: bool = True) -> tuple[float, float]:
+    """(lo, hi) from "X" (lo = hi), "LO:HI" or a pair; TrainError naming the option ``what`` if not."""
+    if isinstance(text, (tuple, list)):
+        lo, hi = (float(v) for v in text)
+    else:
+        parts = str(text).split(":")
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            raise TrainError(f"{what} must be a number or LO:HI, got {text!r}") from None
+        if len(vals) == 1:
+            lo = hi = vals[0]
+        elif len(vals) == 2:
+            lo, hi = vals
+        else:
+            raise TrainError(f"{what} must be a number or LO:HI, got {text!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo or (positive and lo <= 0):
+        raise TrainError(f"{what} must be {'positive ' if positive else ''}with LO <= HI, got {text!r}")
+    return float(lo), float(hi)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``ptychostream train`` arguments; TrainError for a bad value."""
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
     objects = tuple(k.strip() for k in args.objects.split(",") if k.strip())
     out_size: int | str = args.output_size
@@ -23,7 +48,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         output=args.output, data=tuple(args.data or ["sim"]), frames=args.frames, objects=objects,
         probe=args.probe, energy_keV=args.energy_kev, distance_m=args.distance_m,
         detector_pixel_m=args.detector_pixel_m, size=args.size, crop=args.crop, bin=args.bin,
-        photons=parse_range(args.photons, "--photons"), max_phase=parse_range(args.max_phase, "--max-phase"),
+        photons=_parse_range(args.photons, "--photons"), max_phase=_parse_range(args.max_phase, "--max-phase"),
         object_px=args.object_px, pool=args.pool, refresh=args.refresh, pixel_m=args.pixel_m, val=args.val,
         heads=heads, base_channels=args.base_channels, depth=args.depth, output_size=out_size,
         scale=args.scale, normalise=args.normalise, epochs=args.epochs, samples=args.samples, batch=args.batch,
@@ -37,7 +62,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     try:
-        cfg = _config_from_args(args)
+        cfg = config_from_args(args)
         summary = train(cfg, progress=not args.quiet)
     except TrainError as exc:
         print(f"ptychostream train: error: {exc}", file=sys.stderr)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from ptychostream.model.network import HEADS, NetworkError, import_torch
+
+__all__ = [
+    "TRAIN_KINDS", "KIND_WEIGHTS", "PRECISIONS", "CHECKPOINT_NAME", "TrainError", "TrainConfig", "torch_module",
+    "check_finite", "crop_centre", "probe_weight", "auto_output_size",
+]
 
 #: object families used for training (digits and siemens are held out for the demo)
 TRAIN_KINDS: tuple[str, ...] = ("etched", "circuit", "dead_leaves", "blurred_noise", "procedural")
@@ -18,9 +23,9 @@ KIND_WEIGHTS = {"etched": 0.3, "circuit": 0.25, "dead_leaves": 0.15, "blurred_no
 
 PRECISIONS = ("fp32", "bf16")
 
-HEADS = ("amplitude", "phase")
-
+#: the checkpoint file in a --checkpoint folder
 CHECKPOINT_NAME = "last.pt"
+
 
 class TrainError(ValueError):
     """Bad training input or settings; the message says what to fix."""
@@ -87,15 +92,16 @@ class TrainConfig:
 
 
 # =========================================================================== helpers
-def torch_module():
+def torch_module() -> Any:
+    """The ``torch`` module, imported on first use; TrainError saying how to install it."""
     try:
-        import torch
-    except ImportError:
+        return import_torch()
+    except NetworkError:
         raise TrainError("training needs PyTorch: pip install 'ptychostream[train]' (or torch>=2.2)") from None
-    return torch
 
 
 def check_finite(name: str, arr: np.ndarray) -> None:
+    """TrainError naming ``name`` and how many samples hold NaN or inf, if any do."""
     if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
         bad = int((~np.isfinite(arr)).reshape(len(arr), -1).any(axis=1).sum()) if arr.ndim > 1 else 1
         raise TrainError(f"{name} holds NaN or infinite values ({bad} sample(s)); clean the data first")
@@ -136,27 +142,3 @@ def auto_output_size(probe: np.ndarray | None, size: int, depth: int, energy: fl
         if float(crop_centre(inten, out).sum()) >= energy * total:
             return out
     return size
-
-
-def parse_range(text: str | float | Sequence[float], what: str, positive: bool = True) -> tuple[float, float]:
-    if isinstance(text, (tuple, list)):
-        lo, hi = (float(v) for v in text)
-    else:
-        parts = str(text).split(":")
-        try:
-            vals = [float(p) for p in parts]
-        except ValueError:
-            raise TrainError(f"{what} must be a number or LO:HI, got {text!r}") from None
-        if len(vals) == 1:
-            lo = hi = vals[0]
-        elif len(vals) == 2:
-            lo, hi = vals
-        else:
-            raise TrainError(f"{what} must be a number or LO:HI, got {text!r}")
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo or (positive and lo <= 0):
-        raise TrainError(f"{what} must be {'positive ' if positive else ''}with LO <= HI, got {text!r}")
-    return float(lo), float(hi)
-
-
-def array_sha(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:12]

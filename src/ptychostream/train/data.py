@@ -8,6 +8,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ptychostream.files.frames import read_frames
+from ptychostream.files.pairs import read_pairs
+from ptychostream.files.product import read_product
 from ptychostream.model.preprocess import Preprocess
 from ptychostream.train.config import (
     KIND_WEIGHTS,
@@ -45,12 +48,8 @@ class SimSource:
         bad = [k for k in cfg.objects if k not in OBJECT_KINDS]
         if bad or not cfg.objects:
             raise TrainError(f"unknown object kind(s) {bad or '(none)'}; choose from {', '.join(TRAIN_KINDS)}")
-        self.cfg = cfg
-        self.probe = probe
-        self.geometry = geometry
-        self.pre = pre
-        self.out = out
-        self.weight = weight
+        self.cfg, self.probe, self.geometry = cfg, probe, geometry
+        self.pre, self.out, self.weight = pre, out, weight
         kinds = list(cfg.objects)
         p = np.array([KIND_WEIGHTS.get(k, 0.2) for k in kinds], dtype=np.float64)
         self.kinds, self.kind_p = kinds, p / p.sum()
@@ -180,95 +179,37 @@ class ArraySource:
 # --------------------------------------------------------------------------- files
 def _load_npz(path: Path) -> dict[str, Any]:
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{path}: cannot read as NPZ ({exc})") from None
-    with z:
-        keys = list(z.files)
-        if not keys:
-            raise TrainError(f"{path}: the NPZ file is empty (no arrays)")
-        missing = [k for k in ("reciprocal", "real") if k not in keys]
-        if missing:
-            raise TrainError(f"{path}: missing {', '.join(repr(k) for k in missing)} "
-                             f"(keys present: {', '.join(keys)}); a PtychoNN NPZ holds 'reciprocal' "
-                             "(N, H, W) intensities and 'real' complex patches or (N, 2, H, W) phase/amplitude")
-        frames = np.asarray(z["reciprocal"])
-        real = np.asarray(z["real"])
-        pixel = float(np.asarray(z["pixelsize"]).ravel()[0]) if "pixelsize" in keys else None
-    if frames.ndim == 4 and frames.shape[1] == 1:
-        frames = frames[:, 0]
-    if frames.ndim != 3:
-        raise TrainError(f"{path}: 'reciprocal' must be (N, H, W), got shape {frames.shape}")
-    if frames.dtype.kind not in "biuf":
-        raise TrainError(f"{path}: 'reciprocal' must be real intensities, got dtype {frames.dtype}")
-    if np.iscomplexobj(real):
-        if real.ndim == 4 and real.shape[1] == 1:
-            real = real[:, 0]
-        if real.ndim != 3:
-            raise TrainError(f"{path}: complex 'real' must be (N, h, w), got shape {real.shape}")
-        check_finite(f"{path}: 'real'", real)
-        phase, amp = np.angle(real), np.abs(real)
-    else:
-        if real.ndim == 3:
-            phase, amp = real, None
-        elif real.ndim == 4 and real.shape[1] in (1, 2):
-            phase = real[:, 0]
-            amp = real[:, 1] if real.shape[1] == 2 else None
-        else:
-            raise TrainError(f"{path}: real-valued 'real' must be (N, C, h, w) with C0 = phase, C1 = amplitude, "
-                             f"got shape {real.shape}")
-        check_finite(f"{path}: 'real' (labels)", real)
-    return {"frames": frames, "phase": phase, "amp": amp, "pixel_m": pixel, "probe": None,
+        d = read_pairs(path)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    return {"frames": d.frames, "phase": d.phase, "amp": d.amplitude, "pixel_m": d.pixel_m, "probe": None,
             "desc": f"{path.name} (PtychoNN NPZ)"}
 
 
 def _load_product(path: Path, frames_path: str | None) -> dict[str, Any]:
-    import h5py
-
     from ptychostream.sim.forward import extract_patches
-    from ptychostream.sim.replay import load_frames
 
     if not frames_path:
         raise TrainError(f"{path}: a Ptychodus product needs its diffraction frames: pass --frames FILE")
     try:
-        with h5py.File(path, "r") as h5:
-            missing = [k for k in ("object", "probe_position_x_m", "probe_position_y_m") if k not in h5]
-            if missing:
-                raise TrainError(f"{path}: not a Ptychodus product, missing {', '.join(missing)}")
-            ds = h5["object"]
-            obj = np.asarray(ds[()])
-            attrs = dict(ds.attrs)
-            pos = np.stack([np.asarray(h5["probe_position_y_m"][()], dtype=np.float64).ravel(),
-                            np.asarray(h5["probe_position_x_m"][()], dtype=np.float64).ravel()], axis=1)
-            probe = np.asarray(h5["probe"][()]) if "probe" in h5 else None
-    except OSError as exc:
-        raise TrainError(f"{path}: cannot read the product ({exc})") from None
-    while obj.ndim > 2:
-        obj = obj[0]
-    if obj.ndim != 2 or not np.iscomplexobj(obj):
-        raise TrainError(f"{path}: 'object' must be complex (layers, H, W), got {obj.dtype} {obj.shape}")
-    check_finite(f"{path}: 'object'", obj[None])
-    if "pixel_width_m" not in attrs:
-        raise TrainError(f"{path}: 'object' has no pixel_width_m attribute")
-    px = float(np.asarray(attrs["pixel_width_m"]).ravel()[0])
-    cy = float(np.asarray(attrs.get("center_y_m", 0.0)).ravel()[0])
-    cx = float(np.asarray(attrs.get("center_x_m", 0.0)).ravel()[0])
+        product = read_product(path)
+    except (OSError, ValueError) as exc:
+        raise TrainError(str(exc)) from None
     try:
-        rep = load_frames(frames_path)
+        frames = read_frames(frames_path).frames
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot read the diffraction frames: {exc}") from None
-    frames = rep.frames
+    pos = product.positions_m
+    assert pos is not None  # read_product refuses a product without positions
     if len(frames) != len(pos):
         raise TrainError(f"{len(frames)} frames in {frames_path} but {len(pos)} positions in {path}")
-    if probe is not None:
-        while probe.ndim > 2:
-            probe = probe[0]
+    probe = product.probe
     size = frames.shape[-1] if probe is None else probe.shape[-1]
     try:
-        patches = extract_patches(obj, pos - np.array([cy, cx]), px, size)
+        patches = extract_patches(product.object, pos - np.array(product.center_m), product.pixel_m, size)
     except ValueError as exc:
         raise TrainError(f"{path}: {exc}") from None
-    return {"frames": frames, "phase": np.angle(patches), "amp": np.abs(patches), "pixel_m": px,
+    return {"frames": frames, "phase": np.angle(patches), "amp": np.abs(patches), "pixel_m": product.pixel_m,
             "probe": probe, "desc": f"{path.name} + {Path(frames_path).name} (Ptychodus product)"}
 
 

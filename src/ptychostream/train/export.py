@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from ptychostream.model.infer import open_model
+from ptychostream.model.info import ModelError, count_parameters
 from ptychostream.train.config import TrainError, torch_module
+
+__all__ = ["fuse_batchnorm", "export_onnx"]
 
 
 def fuse_batchnorm(net: Any) -> Any:
@@ -45,12 +49,6 @@ def fuse_batchnorm(net: Any) -> Any:
     return net
 
 
-def _ir_version(opset: int) -> int:
-    from ptychostream.model.zoo import _ir_version as irv
-
-    return irv(opset)
-
-
 def _file_mode(path: Path) -> int:
     """The mode a new file gets (0666 less the umask), or the existing file's mode."""
     try:
@@ -66,12 +64,15 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
     """Export ``net`` to ``path`` (dynamic batch), add ``metadata``, verify, and rename into place.
 
     Verification: onnxruntime vs torch on a random batch of 3 (max |Δ| ≤ ``tolerance``) and
-    ``ptychostream.infer.open_model(...).selftest()``.  The file is written to a temporary
+    ``ptychostream.model.infer.open_model(...).selftest()``.  The file is written to a temporary
     name in the target folder and ``os.replace``\\ d over ``path`` only when all checks pass, so
     an existing model is never left half-written.  Returns {max_abs_diff, params, bytes}.
     """
     torch = torch_module()
     import onnx
+
+    # the zoo imports onnx at the top (a second): only when exporting, not with ptychostream.train
+    from ptychostream.model.zoo import ir_version_for
 
     path = Path(path)
     folder = path.resolve().parent
@@ -100,7 +101,7 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
             except TypeError:  # torch without the dynamo switch
                 torch.onnx.export(net, (dummy,), str(tmp), **kw)
         model = onnx.load(str(tmp))
-        model.ir_version = min(model.ir_version, _ir_version(opset))
+        model.ir_version = min(model.ir_version, ir_version_for(opset))
         model.producer_name = "ptychostream.train"
         del model.metadata_props[:]
         for k, v in metadata.items():
@@ -123,15 +124,11 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
             diff = max(float(np.max(np.abs(a - b))) for a, b in zip(want, got))
             if not diff <= tolerance:
                 raise TrainError(f"the ONNX export differs from torch by {diff:.3g} (> {tolerance:g})")
-            from ptychostream.model.infer import ModelError, open_model
-
             try:
                 with open_model(tmp, backend="ONNXRuntime-CPU", threads=2) as m:
                     m.selftest()
             except ModelError as exc:
                 raise TrainError(f"the exported model fails its self-test: {exc}") from None
-        from ptychostream.model.zoo import count_parameters
-
         params = count_parameters(model)
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a model is a normal file
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -13,15 +14,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ptychostream.model.network import build_net
+from ptychostream.model.info import ModelError, ModelInfo, load_model_file
+from ptychostream.model.network import (
+    HEADS,
+    NetworkError,
+    build_net,
+    load_conv_weights,
+    read_onnx,
+)
 from ptychostream.model.preprocess import Preprocess
 from ptychostream.train.config import (
     CHECKPOINT_NAME,
-    HEADS,
     PRECISIONS,
     TrainConfig,
     TrainError,
-    array_sha,
     auto_output_size,
     probe_weight,
     torch_module,
@@ -29,13 +35,20 @@ from ptychostream.train.config import (
 from ptychostream.train.data import ArraySource, Batch, SimSource, load_pairs
 from ptychostream.train.export import export_onnx
 
+__all__ = ["train", "warm_start", "make_source"]
+
+
+def _array_sha(arr: np.ndarray) -> str:
+    """The first 12 hex digits of the sha256 of an array's bytes (probe ids)."""
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:12]
+
 
 def _resolve_probe(cfg: TrainConfig, geometry: Any) -> tuple[np.ndarray, str]:
     from ptychostream.sim.probes import PROBE_KINDS, load_probe, make_probe
 
     if cfg.probe in PROBE_KINDS:
         probe = make_probe(cfg.probe, geometry.size, geometry.pixel_m, geometry=geometry)
-        return probe, f"sim-{cfg.probe}-{geometry.size}-{array_sha(probe)}"
+        return probe, f"sim-{cfg.probe}-{geometry.size}-{_array_sha(probe)}"
     path = Path(cfg.probe)
     try:
         probe, px = load_probe(path)
@@ -46,10 +59,10 @@ def _resolve_probe(cfg: TrainConfig, geometry: Any) -> tuple[np.ndarray, str]:
     if px is not None and abs(px / geometry.pixel_m - 1) > 0.01:
         raise TrainError(f"probe {path} has a pixel of {px:.4g} m but the geometry gives {geometry.pixel_m:.4g} m; "
                          "adjust --energy-kev/--distance-m/--detector-pixel-m")
-    return probe, f"{path.stem}-{array_sha(probe)}"
+    return probe, f"{path.stem}-{_array_sha(probe)}"
 
 
-def _make_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+def make_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
     """The data source and the facts the export needs (pre-processing, pixel, probe id, sizes)."""
     from ptychostream.sim.forward import Geometry
 
@@ -91,17 +104,17 @@ def _make_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
                          f"pass --size {lh} (and frames that crop/bin to it)")
     if "amplitude" in cfg.heads and pairs["amp"] is None:
         raise TrainError("the files hold phase labels only; train with --heads phase")
-    probe = pairs["probe"]
-    if probe is not None and probe.shape != (cfg.size, cfg.size):
-        probe = None
-    out = auto_output_size(probe, n_in, cfg.depth) if cfg.output_size == "auto" else int(cfg.output_size)
-    weight = probe_weight(probe, cfg.size, out, cfg.loss_floor)
-    src = ArraySource(cfg, frames, pairs["phase"], pairs["amp"] if "amplitude" in cfg.heads else None,
-                      pre, out, weight, {"source": "files", "files": pairs["desc"], "pairs": int(len(frames))})
+    file_probe: np.ndarray | None = pairs["probe"]
+    if file_probe is not None and file_probe.shape != (cfg.size, cfg.size):
+        file_probe = None
+    out = auto_output_size(file_probe, n_in, cfg.depth) if cfg.output_size == "auto" else int(cfg.output_size)
+    weight = probe_weight(file_probe, cfg.size, out, cfg.loss_floor)
+    arrays = ArraySource(cfg, frames, pairs["phase"], pairs["amp"] if "amplitude" in cfg.heads else None,
+                         pre, out, weight, {"source": "files", "files": pairs["desc"], "pairs": int(len(frames))})
     pixel = cfg.pixel_m or pairs["pixel_m"]
-    probe_id = f"files-{array_sha(probe)}" if probe is not None else "unknown"
-    return src, {"pre": pre, "pixel_m": pixel, "probe_id": probe_id, "out": out, "input": n_in,
-                 "geometry": None}
+    probe_id = f"files-{_array_sha(file_probe)}" if file_probe is not None else "unknown"
+    return arrays, {"pre": pre, "pixel_m": pixel, "probe_id": probe_id, "out": out, "input": n_in,
+                    "geometry": None}
 
 
 def _scheduler(torch: Any, opt: Any, cfg: TrainConfig, total: int) -> Any:
@@ -161,23 +174,21 @@ def _save_checkpoint(torch: Any, folder: Path, state: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
-def _check_init(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
+def _check_init(init: str, facts: dict[str, Any]) -> ModelInfo:
     """The --init model must take the same input as this run (pre-processing, pixel); returns its ModelInfo."""
-    from ptychostream.model.infer import ModelError, load_model_file
-
     try:
-        info = load_model_file(cfg.init)
+        info = load_model_file(init)
     except ModelError as exc:
         raise TrainError(f"--init: {exc}") from None
     if info.kind != "onnx":
-        raise TrainError(f"--init {cfg.init}: training continues from an ONNX model, not an engine")
+        raise TrainError(f"--init {init}: training continues from an ONNX model, not an engine")
     want, have = facts["pre"].to_dict(), info.preprocess.to_dict()
     bad = [f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in sorted(want) if have.get(k) != want.get(k)]
     if bad:
-        raise TrainError(f"--init {cfg.init}: its pre-processing differs: {'; '.join(bad)}; pass the options "
+        raise TrainError(f"--init {init}: its pre-processing differs: {'; '.join(bad)}; pass the options "
                          "it was trained with (--crop, --bin, --scale, --normalise)")
     if info.pixel_m and facts["pixel_m"] and abs(info.pixel_m / facts["pixel_m"] - 1) > 1e-3:
-        raise TrainError(f"--init {cfg.init}: its object pixel is {info.pixel_m:.4g} m, this run's is "
+        raise TrainError(f"--init {init}: its object pixel is {info.pixel_m:.4g} m, this run's is "
                          f"{facts['pixel_m']:.4g} m")
     return info
 
@@ -216,61 +227,6 @@ def _loss(torch: Any, outs: tuple, batch: Any, heads: Sequence[str], weight: Any
     return total, parts
 
 
-def _read_onnx(path: str | Path, what: str) -> Any:
-    import onnx
-
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # missing, truncated or not ONNX
-        raise TrainError(f"{what} {path}: cannot read it as ONNX ({exc})") from None
-
-
-def load_conv_weights(net: Any, model: Any, what: str = "model") -> None:
-    """Copy the Conv weights of an ONNX graph exported by :func:`export_onnx` into ``net``.
-
-    Convolutions pair up in graph order with the ``Conv2d`` modules of ``net`` (the order in
-    which the export traced them); any difference in count or shape raises TrainError.
-    """
-    torch = torch_module()
-    from onnx import numpy_helper
-
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:  # the exporter shares equal tensors through Identity nodes
-        if node.op_type == "Identity" and node.input[0] in inits:
-            inits[node.output[0]] = inits[node.input[0]]
-        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    mods = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    if len(convs) != len(mods):
-        raise TrainError(f"{what} has {len(convs)} convolutions, the network has {len(mods)}; "
-                         "pass the same --base-channels, --depth, --heads and --output-size as its training")
-    with torch.no_grad():
-        for k, (node, mod) in enumerate(zip(convs, mods)):
-            w = inits.get(node.input[1])
-            b = inits.get(node.input[2]) if len(node.input) > 2 else np.zeros(mod.out_channels, np.float32)
-            if w is None or b is None or tuple(w.shape) != tuple(mod.weight.shape):
-                got = "a computed weight" if w is None or b is None else f"weights {tuple(w.shape)}"
-                raise TrainError(f"{what}: convolution {k} has {got}, the network needs "
-                                 f"{tuple(mod.weight.shape)}; pass the architecture it was trained with")
-            mod.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
-            mod.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))
-
-
-def net_from_onnx(path: str | Path, config: dict[str, Any]) -> Any:
-    """The torch module of a model this command exported: :func:`build_net` with the layout
-    ``config`` (the ``net`` entry of its ``ptychostream.training`` metadata, as
-    ``ModelInfo.training`` holds it), without BatchNorm (the export folded it), and the file's
-    weights.  Used by the PyTorch backend."""
-    try:
-        net = build_net(int(config["size"]), int(config["base_channels"]), int(config["depth"]),
-                        tuple(config["heads"]), int(config["output_size"]), batchnorm=False)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TrainError(f"{path}: unusable network layout {config!r} ({exc})") from None
-    load_conv_weights(net, _read_onnx(path, "model"), str(path))
-    return net.eval()
-
-
 def warm_start(net: Any, path: str | Path, x: Any) -> float:
     """Load an exported model's weights into ``net`` (same layout) to continue training from it.
 
@@ -280,8 +236,15 @@ def warm_start(net: Any, path: str | Path, x: Any) -> float:
     between the initialised ``net`` (eval mode) and the file run by onnxruntime on ``x``.
     """
     torch = torch_module()
-    model = _read_onnx(path, "--init")
-    load_conv_weights(net, model, f"--init {path}")
+    try:
+        model = read_onnx(path, "--init")
+    except NetworkError as exc:
+        raise TrainError(str(exc)) from None
+    try:
+        load_conv_weights(net, model, f"--init {path}")
+    except NetworkError as exc:
+        raise TrainError(f"{exc}; pass the same --base-channels, --depth, --heads and --output-size as its "
+                         "training") from None
     with torch.no_grad():
         stats: dict[Any, tuple[Any, Any]] = {}
 
@@ -345,12 +308,15 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     np.random.seed(cfg.seed % 2**32)
 
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    src, facts = _make_source(cfg)
+    src, facts = make_source(cfg)
     out = facts["out"]
-    parent = _check_init(cfg, facts) if cfg.init else None
+    parent = _check_init(cfg.init, facts) if cfg.init else None
     # channels-last convolutions run about 1.7x faster on CPUs (oneDNN) and suit tensor cores
-    net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out).to(
-        device, memory_format=torch.channels_last)
+    try:
+        net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out)
+    except NetworkError as exc:
+        raise TrainError(str(exc)) from None
+    net = net.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     steps_per_epoch = src.steps_per_epoch(cfg.batch)
     total = steps_per_epoch * cfg.epochs
@@ -390,7 +356,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
         return d
 
     init_info = None
-    if parent is not None and state is None:
+    if cfg.init and parent is not None and state is None:
         diff = warm_start(net, cfg.init, to_dev(val if val is not None else src.batch(0, cfg.batch))["x"])
         if not diff <= 1e-3:
             raise TrainError(f"--init {cfg.init}: the network does not reproduce the file (max |diff| {diff:.3g})")
@@ -473,8 +439,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
         bar = Progress(TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                        transient=False)
-        task = bar.add_task("train", total=total or budget, completed=step if budget is None else clock(),
-                            info="")
+        task = bar.add_task("train", total=total or budget, info="")
+        bar.update(task, completed=step if budget is None else clock())  # add_task is annotated int only
         bar.start()
     net.train()
     try:

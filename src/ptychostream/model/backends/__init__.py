@@ -18,19 +18,20 @@ float32 arrays the caller may keep.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from types import ModuleType
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ptychostream.model.infer import ModelInfo
+from ptychostream.model.gpu import BackendError, cuda_driver_reason
+from ptychostream.model.info import ModelInfo, load_model_file
 
 __all__ = [
-    "Backend", "BackendError", "BACKEND_CHOICES", "AUTO_ORDER", "available_backends",
-    "open_backend", "backend_unavailable_reason", "cuda_driver_reason", "split_outputs", "check_input",
+    "Backend", "BackendError", "BACKEND_CHOICES", "AUTO_ORDER", "available_backends", "canonical_name",
+    "open_backend", "backend_unavailable_reason", "cuda_driver_reason", "probe_reason", "split_outputs",
+    "check_input",
 ]
 
 BACKEND_CHOICES = ("Auto", "ONNXRuntime-CPU", "TensorRT", "PyTorch-CUDA")
@@ -50,16 +51,13 @@ _ALIASES = {
 }
 
 
-class BackendError(Exception):
-    """A backend cannot be opened or run here; the message says why."""
-
-
 @runtime_checkable
 class Backend(Protocol):
     name: str                      # one of BACKEND_CHOICES[1:]
     input_shape: tuple[int, int]   # (h, w) the model wants
     fixed_batch: int | None        # when the model's batch dim is a fixed number
     outputs: tuple[str, ...]       # subset of ("phase", "amplitude"), in returned order
+    fallback_reasons: list[str]    # set by open_backend: why Auto skipped faster backends
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -76,26 +74,18 @@ def canonical_name(name: str) -> str:
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
 
 
-def _module(name: str):
+def _module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name], __name__)
 
 
-@functools.lru_cache(maxsize=1)
-def cuda_driver_reason() -> str | None:
-    """Why no CUDA GPU can be used here, found without importing a GPU framework; None if a
-    driver library is present (the GPU backends then check the device themselves)."""
-    import ctypes
-    import ctypes.util
-
-    for lib in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"):
-        if not lib:
-            continue
-        try:
-            ctypes.CDLL(lib)
-            return None
-        except OSError:
-            continue
-    return "no CUDA GPU (no NVIDIA driver library libcuda found)"
+def probe_reason(probe: Callable[[], object]) -> str | None:
+    """None when ``probe()`` runs, else the message of the :class:`BackendError` it raised
+    (a backend module's ``unavailable_reason``)."""
+    try:
+        probe()
+    except BackendError as exc:
+        return str(exc)
+    return None
 
 
 def backend_unavailable_reason(name: str) -> str | None:
@@ -114,29 +104,28 @@ def available_backends() -> list[str]:
     return [n for n in AUTO_ORDER if backend_unavailable_reason(n) is None]
 
 
-def _open_one(name: str, model: "ModelInfo", batch_size: int, opts: dict[str, Any]) -> Backend:
+def _open_one(name: str, model: ModelInfo, batch_size: int, opts: dict[str, Any]) -> Backend:
     reason = backend_unavailable_reason(name)
     if reason is not None:
         raise BackendError(reason)
     try:
-        return _module(name).open(model, batch_size=batch_size, **opts)
+        backend: Backend = _module(name).open(model, batch_size=batch_size, **opts)
+        return backend
     except BackendError:
         raise
     except Exception as exc:
         raise BackendError(f"{name} could not load {model.path}: {type(exc).__name__}: {exc}") from exc
 
 
-def open_backend(name: str, model: "ModelInfo | str | os.PathLike", batch_size: int = 64,
+def open_backend(name: str, model: ModelInfo | str | os.PathLike[str], batch_size: int = 64,
                  **opts: Any) -> Backend:
     """Open ``model`` (a ModelInfo or a path) on backend ``name`` (one of BACKEND_CHOICES).
 
     The returned backend has a ``fallback_reasons`` list: empty unless Auto skipped
     faster backends, then one "Backend: reason" per skipped one.
     """
-    from ptychostream.model.infer import ModelInfo, load_model_file
-
     if not isinstance(model, ModelInfo):
-        model = load_model_file(model)
+        model = load_model_file(os.fspath(model))
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise BackendError(f"batch_size must be an integer >= 1, not {batch_size!r}")
     name = canonical_name(name)
@@ -161,7 +150,7 @@ def open_backend(name: str, model: "ModelInfo | str | os.PathLike", batch_size: 
 
 # -- helpers shared by the backends ------------------------------------------------------
 
-def check_input(x: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
+def check_input(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
     """x as a C-contiguous float32 (n, h, w) array; ValueError if the frame size is wrong."""
     x = np.asarray(x)
     if x.ndim == 2:
@@ -172,7 +161,8 @@ def check_input(x: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def split_outputs(raw: dict[str, np.ndarray], output_map, rows: int | None = None) -> dict[str, np.ndarray]:
+def split_outputs(raw: dict[str, np.ndarray], output_map: Sequence[tuple[str, str, int]],
+                  rows: int | None = None) -> dict[str, np.ndarray]:
     """Turn graph outputs into {label: float32 (n, h', w')} following ``output_map``.
 
     ``output_map`` is a sequence of (label, graph output name, channel). Rank-4

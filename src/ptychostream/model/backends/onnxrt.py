@@ -8,14 +8,12 @@ and one or two outputs of rank 3 or 4 (see :func:`ptychostream.model.backends.sp
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ptychostream.model.backends import BackendError, check_input, split_outputs
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ptychostream.model.infer import ModelInfo
+from ptychostream.model.info import ModelInfo
 
 __all__ = ["OnnxRuntimeBackend", "open", "unavailable_reason"]
 
@@ -23,6 +21,7 @@ NAME = "ONNXRuntime-CPU"
 
 
 def unavailable_reason() -> str | None:
+    """None when onnxruntime can be imported, else why not."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
@@ -40,7 +39,7 @@ def _default_threads() -> int:
 class OnnxRuntimeBackend:
     name = NAME
 
-    def __init__(self, model: "ModelInfo", batch_size: int = 64, threads: int | None = None,
+    def __init__(self, model: ModelInfo, batch_size: int = 64, threads: int | None = None,
                  spinning: bool | None = None, **_ignored: Any) -> None:
         """``threads``: intra-op threads (default: every core this process may use).
         ``spinning``: let idle worker threads spin-wait (ONNX Runtime's default, None);
@@ -80,11 +79,11 @@ class OnnxRuntimeBackend:
         res = self._sess.run(self._names, {self._in_name: x})
         return dict(zip(self._names, res))
 
-    def _padded(self, part: np.ndarray) -> np.ndarray:
-        """``part`` in the first rows of the reused fixed-batch buffer, zeros after."""
+    def _padded(self, part: np.ndarray, batch: int) -> np.ndarray:
+        """``part`` in the first rows of the reused fixed-batch buffer of ``batch`` rows, zeros after."""
         m = part.shape[0]
         if self._pad is None:
-            self._pad = np.zeros((self.fixed_batch, *self.input_shape), dtype=self._in_dtype)
+            self._pad = np.zeros((batch, *self.input_shape), dtype=self._in_dtype)
         self._pad[:m] = part
         if self._pad_used > m:
             self._pad[m:self._pad_used] = 0
@@ -103,7 +102,7 @@ class OnnxRuntimeBackend:
         for start in range(0, n, self._chunk):
             part = x[start:start + self._chunk]
             m = part.shape[0]
-            feed = self._padded(part) if fixed and m < fixed else part
+            feed = self._padded(part, fixed) if fixed and m < fixed else part
             got = split_outputs(self._run(feed), self._map, rows=m)
             for label, arr in got.items():
                 if label not in result:
@@ -116,5 +115,5 @@ class OnnxRuntimeBackend:
         self._pad = None
 
 
-def open(model: "ModelInfo", batch_size: int = 64, **opts: Any) -> OnnxRuntimeBackend:
+def open(model: ModelInfo, batch_size: int = 64, **opts: Any) -> OnnxRuntimeBackend:
     return OnnxRuntimeBackend(model, batch_size=batch_size, **opts)

@@ -7,68 +7,38 @@ ready ``.engine``/``.plan`` file may be given instead. Two sets of pinned host a
 device buffers, each with its own stream and execution context, alternate between
 chunks so copies of one chunk overlap compute of the other.
 
-tensorrt and pycuda are imported lazily: importing this module never fails.
+tensorrt and pycuda are imported lazily (:func:`ptychostream.model.gpu.import_tensorrt`): importing
+this module never fails.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ptychostream.model.backends import (
     BackendError,
     check_input,
-    cuda_driver_reason,
+    probe_reason,
     split_outputs,
 )
+from ptychostream.model.gpu import engine_io, import_tensorrt, trt_logger
+from ptychostream.model.info import ModelInfo, load_model_file
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ptychostream.model.infer import ModelInfo
-
-__all__ = ["TensorRTBackend", "open", "unavailable_reason", "engine_cache_path", "inspect_engine"]
+__all__ = ["TensorRTBackend", "open", "unavailable_reason", "engine_key", "engine_cache_path"]
 
 NAME = "TensorRT"
 _log = logging.getLogger(__name__)
 
 
-def _import():
-    reason = cuda_driver_reason()
-    if reason and importlib.util.find_spec("tensorrt") is not None:
-        raise BackendError(reason)
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendError(f"TensorRT is not installed: {exc}") from None
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise BackendError(f"TensorRT needs pycuda, which is not installed: {exc}") from None
-    try:
-        cuda.init()
-        count = cuda.Device.count()
-    except Exception as exc:  # pycuda.driver.Error and friends
-        raise BackendError(f"no CUDA GPU: {exc}") from None
-    if count < 1:
-        raise BackendError("no CUDA GPU")
-    return trt, cuda
-
-
 def unavailable_reason() -> str | None:
-    try:
-        _import()
-    except BackendError as exc:
-        return str(exc)
-    return None
-
-
-def _logger(trt):
-    return trt.Logger(trt.Logger.WARNING)
+    """None when TensorRT, pycuda and a GPU are there, else why not."""
+    return probe_reason(import_tensorrt)
 
 
 def engine_key(trt, cuda, precision: str, sha256: str, batch: int | None) -> str:
@@ -91,7 +61,7 @@ def engine_cache_path(onnx_path: str, key: str) -> Path:
 
 def _build(trt, onnx_path: str, precision: str, input_name: str, input_dims: tuple,
            batch: int | None) -> bytes:
-    logger = _logger(trt)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TRT 10
     parser = trt.OnnxParser(network, logger)
@@ -123,46 +93,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _io(engine, trt) -> dict[str, Any]:
-    inputs, outputs = [], []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        dims = tuple(int(d) for d in engine.get_tensor_shape(name))
-        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            inputs.append((name, dims, dtype))
-        else:
-            outputs.append((name, dims, dtype))
-    if len(inputs) != 1:
-        raise BackendError(f"the engine has {len(inputs)} inputs; expected 1")
-    return {"inputs": inputs, "outputs": outputs}
-
-
-def inspect_engine(path: str) -> dict[str, Any]:
-    """Input name/shape and output names/shapes of a serialised engine (None = dynamic)."""
-    trt, cuda = _import()
-    ctx = cuda.Device(0).retain_primary_context()
-    ctx.push()
-    try:
-        engine = trt.Runtime(_logger(trt)).deserialize_cuda_engine(Path(path).read_bytes())
-        if engine is None:
-            raise BackendError(f"{path} was built for another GPU or TensorRT version "
-                               f"(this is TensorRT {trt.__version__})")
-        io = _io(engine, trt)
-        (name, dims, _), = io["inputs"]
-        fix = lambda ds: [d if d > 0 else None for d in ds]  # noqa: E731
-        return {"input_name": name, "input_shape": fix(dims),
-                "outputs": [(n, fix(d)) for n, d, _ in io["outputs"]]}
-    finally:
-        ctx.pop()
-
-
 class TensorRTBackend:
     name = NAME
 
-    def __init__(self, model: "ModelInfo", batch_size: int = 64, precision: str = "fp16",
+    def __init__(self, model: ModelInfo, batch_size: int = 64, precision: str = "fp16",
                  rebuild: bool = False, **_ignored: Any) -> None:
-        trt, cuda = _import()
+        trt, cuda = import_tensorrt()
         if precision not in ("fp16", "tf32", "fp32"):
             raise BackendError(f"precision must be fp16, tf32 or fp32, not {precision!r}")
         self._cuda = cuda
@@ -180,7 +116,7 @@ class TensorRTBackend:
 
     def _engine(self, trt, cuda, model, precision, batch_size, rebuild):
         """(engine path, whether it was built now); leaves self._engine_obj deserialised."""
-        runtime = trt.Runtime(_logger(trt))
+        runtime = trt.Runtime(trt_logger(trt))
         self._runtime = runtime
         if model.kind == "engine":
             engine = runtime.deserialize_cuda_engine(Path(model.path).read_bytes())
@@ -192,8 +128,6 @@ class TensorRTBackend:
                                    f"(this is TensorRT {trt.__version__}) and no ONNX file is beside "
                                    "it to rebuild from")
             _log.warning("%s does not fit this GPU/TensorRT; rebuilding from %s", model.path, model.onnx_path)
-        from ptychostream.model.infer import load_model_file
-
         onnx_info = model if model.kind == "onnx" else load_model_file(model.onnx_path)
         batch = None if onnx_info.fixed_batch else int(batch_size)
         key = engine_key(trt, cuda, precision, onnx_info.sha256, batch)
@@ -219,7 +153,7 @@ class TensorRTBackend:
 
     def _setup(self, trt, model, batch_size: int) -> None:
         cuda, engine = self._cuda, self._engine_obj
-        io = _io(engine, trt)
+        io = engine_io(engine, trt)
         (self._in_name, in_dims, self._in_dtype), = io["inputs"]
         dynamic = in_dims[0] < 0
         if dynamic:
@@ -304,7 +238,7 @@ class TensorRTBackend:
         return result
 
     def close(self) -> None:
-        if getattr(self, "_slots", None) is None:
+        if not getattr(self, "_slots", None):  # never set up, or closed already
             return
         self._ctx.push()
         try:
@@ -313,12 +247,12 @@ class TensorRTBackend:
                 slot["d_in"].free()
                 for _, d in slot["outs"].values():
                     d.free()
-            self._slots = None
+            self._slots = []
             self._engine_obj = None
             self._runtime = None
         finally:
             self._ctx.pop()
 
 
-def open(model: "ModelInfo", batch_size: int = 64, **opts: Any) -> TensorRTBackend:
+def open(model: ModelInfo, batch_size: int = 64, **opts: Any) -> TensorRTBackend:
     return TensorRTBackend(model, batch_size=batch_size, **opts)

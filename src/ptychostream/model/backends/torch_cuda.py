@@ -1,8 +1,8 @@
 """PyTorch on CUDA: the ONNX file as a torch module, fp16, CUDA graphs.
 
-A model written by ``ptychostream train`` records its layout, so the module is rebuilt by the
-training code (:func:`ptychostream.train.net_from_onnx`) with the file's weights; any other
-ONNX file is converted with onnx2torch.
+A model written by ``ptychostream train`` records its layout, so the module is rebuilt from the
+one network definition (:func:`ptychostream.model.network.net_from_onnx`) with the file's
+weights; any other ONNX file is converted with onnx2torch.
 
 One CUDA graph is captured per batch bucket (powers of two up to the batch size,
 or the fixed ONNX batch); a chunk is padded up to its bucket. onnx2torch's Resize
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -26,18 +26,19 @@ from ptychostream.model.backends import (
     BackendError,
     check_input,
     cuda_driver_reason,
+    probe_reason,
     split_outputs,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ptychostream.model.infer import ModelInfo
+from ptychostream.model.info import ModelInfo
+from ptychostream.model.network import NetworkError, net_from_onnx
 
 __all__ = ["TorchCudaBackend", "open", "unavailable_reason", "freeze_resize"]
 
 NAME = "PyTorch-CUDA"
 
 
-def _import(cuda: bool = True):
+def _import(cuda: bool = True) -> Any:
+    """torch, checked to see a CUDA GPU when ``cuda``; BackendError why not."""
     if cuda:
         reason = cuda_driver_reason()
         if reason:
@@ -52,22 +53,18 @@ def _import(cuda: bool = True):
 
 
 def unavailable_reason() -> str | None:
-    try:
-        _import()
-    except BackendError as exc:
-        return str(exc)
-    return None
+    """None when torch sees a CUDA GPU, else why not."""
+    return probe_reason(_import)
 
 
-def to_module(model: "ModelInfo"):
-    """(torch module, converter name) for an ONNX model: the training code's own layout when the
-    file records it, else onnx2torch."""
-    from ptychostream.train import TrainError, net_from_onnx
-
-    if isinstance((model.training or {}).get("net"), dict):
+def to_module(model: ModelInfo) -> tuple[Any, str]:
+    """(torch module, converter name) for an ONNX model: the network definition's own module
+    when the file records its layout, else onnx2torch."""
+    layout = (model.training or {}).get("net")
+    if isinstance(layout, dict):
         try:
-            return net_from_onnx(model.path, model.training["net"]), "ptychostream"
-        except TrainError:
+            return net_from_onnx(model.path, layout), "ptychostream"
+        except NetworkError:
             pass  # edited or foreign weights: let onnx2torch read the graph as it is
     try:
         import onnx2torch
@@ -127,17 +124,20 @@ def freeze_resize(gm) -> int:
         if any(v is None for v in consts.values()):
             continue  # computed at run time: leave it alone
         scales, sizes = consts.get("scales"), consts.get("sizes")
-        scale_factor = size = None
+        scale_factor: tuple[float, ...] | None = None
+        size: tuple[int, ...] | None = None
         if sizes is not None and sizes.numel():
             size = tuple(int(s) for s in sizes.tolist()[2:])
+            rank = len(size)
         elif scales is not None and scales.numel():
             vals = [float(s) for s in scales.tolist()]
             if vals[:2] != [1.0, 1.0]:
                 continue
             scale_factor = tuple(vals[2:])
+            rank = len(scale_factor)
         else:
             continue
-        mode = modes.get((inner.onnx_mode, len(size or scale_factor)))
+        mode = modes.get((inner.onnx_mode, rank))
         if mode is None:
             continue
         align = inner.align_corners if mode != "nearest" else None
@@ -151,7 +151,7 @@ def freeze_resize(gm) -> int:
 class TorchCudaBackend:
     name = NAME
 
-    def __init__(self, model: "ModelInfo", batch_size: int = 64, half: bool = True,
+    def __init__(self, model: ModelInfo, batch_size: int = 64, half: bool = True,
                  cuda_graphs: bool = True, device: str = "cuda", **_ignored: Any) -> None:
         cuda = not str(device).startswith("cpu")  # device="cpu" (fp32, no graphs) checks the module
         torch = _import(cuda)
@@ -212,7 +212,6 @@ class TorchCudaBackend:
         self._graphs[b] = (graph, static_in, static_out)
 
     def _run_chunk(self, part: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self._torch
         m = part.shape[0]
         b = next(k for k in self._buckets if k >= m)
         graph, static_in, static_out = self._graphs[b]
@@ -251,7 +250,7 @@ class TorchCudaBackend:
             self._torch.cuda.empty_cache()
 
 
-def _graph_output_names(model: "ModelInfo") -> list[str]:
+def _graph_output_names(model: ModelInfo) -> list[str]:
     """Graph output names in graph order (onnx2torch returns outputs in that order)."""
     import onnx
 
@@ -259,5 +258,5 @@ def _graph_output_names(model: "ModelInfo") -> list[str]:
     return [o.name for o in m.graph.output]
 
 
-def open(model: "ModelInfo", batch_size: int = 64, **opts: Any) -> TorchCudaBackend:
+def open(model: ModelInfo, batch_size: int = 64, **opts: Any) -> TorchCudaBackend:
     return TorchCudaBackend(model, batch_size=batch_size, **opts)
