@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+import pytest
 
 from ptychostream.testing import EpicsNet, Slot
 from ptychostream.testing import IOCProcess as _IOCProcess
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SLOTS = 8
@@ -37,6 +44,20 @@ def pva_client_conf() -> dict[str, str]:
     return NET.pva_conf()
 
 
+def pva_context(**kw):
+    """A p4p client Context on the test network (``nt=False`` for raw Values)."""
+    from p4p.client.thread import Context
+
+    return Context("pva", conf=pva_client_conf(), useenv=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """One p4p client Context per test module."""
+    with pva_context() as c:
+        yield c
+
+
 def IOCProcess(args: list[str], prefix: str, slot: Slot) -> _IOCProcess:
     """An IOC subprocess on the test network."""
     return _IOCProcess(list(args), prefix, slot, NET)
@@ -46,16 +67,37 @@ def next_slot() -> Slot:
     return SLOTS[next(_slot_cycle)]
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value."""
+@contextmanager
+def detector_and_reconstructor(sim_prefix: str, rec_prefix: str) -> Iterator[tuple[_IOCProcess, _IOCProcess]]:
+    """A simdet IOC and a reconstructor IOC (PVA only) on the test network, stopped on exit."""
+    sim = IOCProcess(["simdet", "--prefix", sim_prefix, "--no-ca"], sim_prefix, next_slot()).start()
+    try:
+        rec = IOCProcess(["ioc", "--prefix", rec_prefix, "--no-ca"], rec_prefix, next_slot()).start()
+        try:
+            yield sim, rec
+        finally:
+            rec.stop()
+    finally:
+        sim.stop()
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition", state: Callable[[], object] | None = None) -> T:
+    """Poll ``predicate`` until it returns a truthy value, and return that value.
+
+    This is how the tests synchronise: on a counter, a readback or a monitor's updates,
+    never on a fixed sleep. On timeout the AssertionError shows the last value and, if
+    given, what ``state()`` reports then.
+    """
     deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
+    while True:
         last = predicate()
         if last:
             return last
+        if time.monotonic() + interval > deadline:  # every poll starts within the timeout
+            seen = f"; state: {state()!r}" if state is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r}{seen})")
         time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {message} (last: {last!r})")
 
 
 def text(value) -> str:
@@ -63,10 +105,53 @@ def text(value) -> str:
     return value.raw["value"]
 
 
-def put_in_background(ctx, name: str, value, timeout: float = 300.0):
-    """Start a put that completes later (a busy Acquire) without waiting for it."""
-    import threading
+def plain(value) -> Any:
+    """The value of a p4p NTScalar or NTEnum as a plain number or string (an enum gives its index)."""
+    raw = value.raw
+    return raw["value.index"] if raw.getID().startswith("epics:nt/NTEnum") else raw["value"]
 
+
+def settings(ctx, prefix: str, names: list[str]) -> dict[str, Any]:
+    """The current values of the setpoints ``names`` (read in one request)."""
+    return {name: plain(v) for name, v in zip(names, ctx.get([prefix + n for n in names]))}
+
+
+def restore(ctx, prefix: str, saved: Mapping[str, Any]) -> list[str]:
+    """Put back, in order, every setpoint that differs from ``saved``; returns the names put.
+
+    Fixtures call it before each test, so that no test sees the settings an earlier one left.
+    """
+    now = settings(ctx, prefix, list(saved))
+    changed = [name for name, value in saved.items() if now[name] != value]
+    for name in changed:
+        ctx.put(prefix + name, saved[name], wait=True)
+    return changed
+
+
+def live_monitor(ctx, name: str, callback: Callable[[Any], None], timeout: float = 10.0, **kw):
+    """``ctx.monitor(name, callback, **kw)``, returned once the subscription is live.
+
+    A PVA monitor's first update is the PV's current value (an earlier test's last image,
+    say), not a new one: it is waited for and not passed on, so ``callback`` sees only
+    what is posted after this returns.
+    """
+    connected = threading.Event()
+
+    def on_update(value) -> None:
+        if connected.is_set():
+            callback(value)
+        else:
+            connected.set()
+
+    sub = ctx.monitor(name, on_update, **kw)
+    if not connected.wait(timeout):
+        sub.close()
+        raise AssertionError(f"no first update from {name} within {timeout} s")
+    return sub
+
+
+def put_in_background(ctx, name: str, value, timeout: float = 300.0) -> threading.Thread:
+    """Start a put that completes later (a busy Acquire) without waiting for it."""
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -77,5 +162,5 @@ def put_in_background(ctx, name: str, value, timeout: float = 300.0):
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    thread.errors = errors
+    thread.errors = errors  # type: ignore[attr-defined]  # the caller's handle on a failed put
     return thread

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IOCProcess, next_slot, pva_client_conf, wait_for
+from conftest import detector_and_reconstructor, wait_for
 
 pytest.importorskip("bluesky", reason="needs the 'bluesky' extra")
 pytest.importorskip("ophyd_async", reason="needs the 'bluesky' extra")
@@ -71,11 +71,8 @@ def test_annotated_signals_match_db():
 # -- live IOCs ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def iocs():
-    sim = IOCProcess(["simdet", "--prefix", S, "--no-ca"], S, next_slot()).start()
-    rec = IOCProcess(["ioc", "--prefix", R, "--no-ca"], R, next_slot()).start()
-    yield sim, rec
-    rec.stop()
-    sim.stop()
+    with detector_and_reconstructor(S, R) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +94,6 @@ def RE():
     from bluesky import RunEngine
 
     return RunEngine({})
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    from p4p.client.thread import Context
-
-    c = Context("pva", conf=pva_client_conf(), useenv=False)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

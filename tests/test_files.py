@@ -330,6 +330,42 @@ def test_record_written_by_the_recorder_reads_back(tmp_path):
         read_record(tmp_path / "other.h5")
 
 
+def test_record_reader_stops_at_the_last_flush_and_tells_complete_from_cut(tmp_path):
+    """A record whose writer did not close it reads up to ``frames_flushed``; older records (no
+    ``complete`` attribute) are complete when they have an ``end_time``."""
+    from ptychostream.files.record import check_record
+
+    cut = tmp_path / "cut.h5"
+    with h5py.File(cut, "w") as h5:
+        h5.create_group("entry").attrs.update({"complete": False, "model_id": "m"})
+        h5["entry/frames_flushed"] = [2]
+        h5["entry/flush_time"] = [1.7e9]
+        h5["entry/data/phase"] = np.arange(3 * 4, dtype=np.float32).reshape(3, 2, 2)  # row 3: past the flush
+        h5["entry/data/unique_id"] = [5, 6, 0]
+        h5["entry/data/position_x_m"] = [1e-8, np.nan, 0.0]
+        h5["entry/data/position_y_m"] = [1e-8, 2e-8, 0.0]
+        h5["entry/instrument/detector/data"] = np.ones((3, 4, 4), np.uint16)
+    r = read_record(cut)
+    assert r["n_frames"] == 2 and r["complete"] is False
+    np.testing.assert_array_equal(r["data"]["unique_id"], [5, 6])
+    assert r["data"]["phase"].shape == (2, 2, 2) and r["frames"].shape == (2, 4, 4)
+    s = check_record(cut)
+    assert (s.frames, s.complete, s.outputs, s.positions, s.diffraction, s.mosaic) == (2, False, ("phase",), 1,
+                                                                                     (2, 4, 4), None)
+    assert s.last_flush == 1.7e9 and "cut at frame 2: the writer did not close the record" in s.describe()
+    old = tmp_path / "old.h5"
+    with h5py.File(old, "w") as h5:
+        h5.create_group("entry").attrs["end_time"] = "2026-01-01T00:00:00+0000"
+        h5["entry/data/unique_id"] = [1, 2, 3]
+    r = read_record(old)
+    assert r["n_frames"] == 3 and r["complete"] is True
+    assert "complete: closed 2026-01-01T00:00:00+0000" in check_record(old).describe()
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\0" * 1000)
+    with pytest.raises(FileFormatError, match="garbage.h5: not readable as HDF5"):
+        read_record(garbage)
+
+
 def test_mosaic_npz_round_trip(tmp_path):
     phase = np.linspace(-1, 1, 20).reshape(4, 5)
     path = tmp_path / "saved.npz"

@@ -7,10 +7,9 @@ import time
 import numpy as np
 import pytest
 from conftest import (
-    IOCProcess,
-    next_slot,
+    detector_and_reconstructor,
     put_in_background,
-    pva_client_conf,
+    pva_context,
     text,
     wait_for,
 )
@@ -182,16 +181,11 @@ def test_no_pixel_size_is_explained(scan):
 
 @pytest.mark.system
 def test_end_to_end_simdet_to_mosaic_pv(tmp_path):
-    from p4p.client.thread import Context
-
     from ptychostream.model.zoo import build_ptychonn_onnx
 
     model = build_ptychonn_onnx(str(tmp_path / "m.onnx"), size=128, heads=("amplitude", "phase"),
                                 base_channels=4, depth=2)
-    sim = IOCProcess(["simdet", "--prefix", "TST:MS:", "--no-ca"], "TST:MS:", next_slot()).start()
-    rec = IOCProcess(["ioc", "--prefix", "TST:MR:", "--no-ca"], "TST:MR:", next_slot()).start()
-    ctx = Context("pva", conf=pva_client_conf(), useenv=False)
-    try:
+    with detector_and_reconstructor("TST:MS:", "TST:MR:"), pva_context() as ctx:
         pixel = float(ctx.get("TST:MS:cam1:ObjectPixel_RBV"))
         for k, v in {"ModelPath": model, "InputPV": "TST:MS:Pva1:Image", "PixelSize": pixel,
                      "MosaicRate": 20, "Enable": 1}.items():
@@ -204,8 +198,11 @@ def test_end_to_end_simdet_to_mosaic_pv(tmp_path):
             ctx.put("TST:MS:cam1:" + k, v, wait=True)
         put_in_background(ctx, "TST:MS:cam1:Acquire", 1)
         wait_for(lambda: int(ctx.get("TST:MR:Stitched_RBV")) == n, timeout=60, message="all stitched")
-        time.sleep(0.3)
+        # the images follow at MosaicRate: the mosaic of every patch, then the flashlight of the same update
+        wait_for(lambda: ctx.get("TST:MR:Mosaic").attrib.get("Patches") == n, timeout=5, message="mosaic of all")
         m = ctx.get("TST:MR:Mosaic")
+        wait_for(lambda: ctx.get("TST:MR:Flashlight").raw["uniqueId"] == m.raw["uniqueId"], timeout=5,
+                 message="the flashlight of that mosaic")
         attrs = m.attrib
         assert int(ctx.get("TST:MR:Unpositioned_RBV")) == 0
         assert attrs["PixelSizeX"] == pytest.approx(pixel) and attrs["Patches"] == n
@@ -222,10 +219,6 @@ def test_end_to_end_simdet_to_mosaic_pv(tmp_path):
         assert "um" in text(ctx.get("TST:MR:MosaicExtent_RBV"))
         ctx.put("TST:MR:MosaicReset", 1, wait=True)
         wait_for(lambda: int(ctx.get("TST:MR:Stitched_RBV")) == 0, timeout=5, message="reset")
-    finally:
-        ctx.close()
-        rec.stop()
-        sim.stop()
 
 
 def test_motor_readbacks_matched_by_timestamp(scan):

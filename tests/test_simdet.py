@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
-from conftest import SLOTS, IOCProcess, put_in_background, text, wait_for
+from conftest import (
+    SLOTS,
+    IOCProcess,
+    live_monitor,
+    put_in_background,
+    pva_context,
+    restore,
+    settings,
+    text,
+    wait_for,
+)
+
+from ptychostream.core.pvdb import load_db
+from ptychostream.devices.simdet import ABORTED, IDLE
 
 pytestmark = pytest.mark.system
 
 P = "TST:SIM:"
+#: the setpoints a test may change (Acquire and ArrayCounter: each test that cares sets them)
+SETTINGS = [s.suffix for s in load_db("simdetector.db")
+            if s.writable and s.kind != "image" and s.suffix not in ("cam1:Acquire", "cam1:ArrayCounter")]
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +38,18 @@ def simdet(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    from conftest import pva_client_conf
-    from p4p.client.thread import Context
+def startup(simdet, ctx):
+    """The detector's settings as the IOC started them (the --truth file included)."""
+    return settings(ctx, P, SETTINGS)
 
-    c = Context("pva", conf=pva_client_conf(), useenv=False)
-    yield c
-    c.close()
+
+@pytest.fixture(autouse=True)
+def known_state(ctx, startup):
+    """Each test starts from an idle detector (acquisition finished or stopped) with its start-up settings."""
+    ctx.put(P + "cam1:Acquire", 0, wait=True)
+    wait_for(lambda: int(ctx.get(P + "cam1:DetectorState_RBV")) in (IDLE, ABORTED), timeout=10,
+             message="detector idle")
+    restore(ctx, P, startup)
 
 
 def configure(ctx, **values):
@@ -47,30 +65,18 @@ def acquire(ctx, timeout=60):
 def own_context():
     """Monitors get their own Context: p4p shares one NT unwrapper per Context across threads,
     so concurrent monitors of different NT types on one Context can be unwrapped wrongly."""
-    from conftest import pva_client_conf
-    from p4p.client.thread import Context
-
-    return Context("pva", conf=pva_client_conf(), useenv=False)
+    return pva_context()
 
 
 def collect(ctx, n_expected, timeout=60, **cfg):
+    """Configure, acquire, and return the frames a monitor saw (not the PV's earlier image)."""
     frames = []
-    done = threading.Event()
-
-    def cb(v):
-        frames.append(v)
-        if len(frames) >= n_expected:
-            done.set()
-
     configure(ctx, **cfg)
     mctx = own_context()
-    sub = mctx.monitor(P + "Pva1:Image", cb, request="record[queueSize=1024]")
-    time.sleep(0.5)
-    frames.clear()  # the first update is the PV's current (previous) image
+    sub = live_monitor(mctx, P + "Pva1:Image", frames.append, request="record[queueSize=1024]")
     try:
-        acquire(ctx, timeout)
-        done.wait(10)
-        time.sleep(0.3)
+        acquire(ctx, timeout)  # done: every frame is posted
+        wait_for(lambda: len(frames) >= n_expected, timeout=10, message=f"{n_expected} frames")
     finally:
         sub.close()
         mctx.close()
@@ -115,7 +121,6 @@ def test_counts_match_photons_and_dtype_binning(simdet, ctx):
     # each total is Poisson(photons): the mean of n has sigma sqrt(photons/n)
     assert abs(totals.mean() - photons) < 5 * np.sqrt(photons / n)
     assert totals.std() < 5 * np.sqrt(photons)
-    configure(ctx, Bin=1, DataType="UInt16")
 
 
 def test_physics_round_trip_from_truth_file(simdet, ctx):
@@ -139,7 +144,6 @@ def test_physics_round_trip_from_truth_file(simdet, ctx):
         rel = np.abs(got[bright] - clean[bright]) / clean[bright]
         assert np.median(rel) < 0.02
         assert np.corrcoef(got.ravel(), clean.ravel())[0, 1] > 0.999
-    configure(ctx, DataType="UInt16", Photons=1e6)
 
 
 def test_pvapy_reads_the_same_frames(simdet, ctx):
@@ -149,8 +153,9 @@ def test_pvapy_reads_the_same_frames(simdet, ctx):
     # pvapy reuses its PvObject: copy what we need inside the callback
     ch.subscribe("t", lambda pv: got.append((pv["uniqueId"], np.array(next(iter(pv["value"][0].values()))))))
     ch.startMonitor("field()")
-    time.sleep(0.5)
     try:
+        wait_for(lambda: got, timeout=10, message="pvapy's first update")  # the current image: not a new frame
+        got.clear()
         frames = collect(ctx, 10, ImageMode="Multiple", NumImages=10, AcquirePeriod=0.01, ScanPoints=10)
         wait_for(lambda: len(got) >= 10, timeout=10, message="pvapy frames")
     finally:
@@ -169,10 +174,9 @@ def test_positions_streamed_as_chunks_and_motors(simdet, ctx):
     tables = []
     motors = []
     tctx, mctx = own_context(), own_context()
-    sub = tctx.monitor(P + "Pos1:Positions", lambda v: tables.append(v), request="record[queueSize=64]")
+    sub = live_monitor(tctx, P + "Pos1:Positions", tables.append, request="record[queueSize=64]")
     msub = mctx.monitor(P + "PositionX_RBV", lambda v: motors.append(float(v)))
-    time.sleep(0.5)
-    tables.clear()
+    wait_for(lambda: motors, timeout=10, message="motor monitor's first update")  # the current readback counts
     ctx.put(P + "cam1:ArrayCounter", 0, wait=True)
     try:
         configure(ctx, ImageMode="Multiple", NumImages=95, ScanPoints=95, AcquirePeriod=0.001,
@@ -221,7 +225,11 @@ def test_bad_inputs_refused_with_message_and_counter(simdet, ctx, tmp_path):
     # a put while acquiring must wait: refused with a message, the IOC keeps running
     configure(ctx, ImageMode="Continuous", AcquirePeriod=0.002)
     put_in_background(ctx, P + "cam1:Acquire", 1)
-    wait_for(lambda: int(ctx.get(P + "cam1:DetectorState_RBV")) == 1, timeout=30, message="acquiring")
+    # the acquisition thread sets its "acquiring" message just after the state: wait for both, so
+    # that it cannot overwrite the refusal's message below
+    wait_for(lambda: int(ctx.get(P + "cam1:DetectorState_RBV")) == 1
+             and text(ctx.get(P + "cam1:StatusMessage_RBV")).startswith("acquiring"),
+             timeout=30, message="acquiring")
     with pytest.raises(RemoteError, match="while acquiring"):
         ctx.put(P + "cam1:ScanPoints", 10, wait=True)
     assert "while acquiring" in text(ctx.get(P + "cam1:StatusMessage_RBV"))
@@ -243,4 +251,3 @@ def test_replay_from_hdf5_with_unshifted_frames(simdet, ctx, tmp_path):
     frames = collect(ctx, 12, ReplayFile=str(path), ImageMode="Multiple", NumImages=12, AcquirePeriod=0.0)
     got = np.stack([np.asarray(f) for f in frames[-12:]])
     np.testing.assert_array_equal(got, data)
-    configure(ctx, ReplayFile="")

@@ -12,10 +12,15 @@ from ptychostream.core.device import DeviceState
 from ptychostream.core.frames import BatchResult, ImageFrame
 from ptychostream.core.pvdb import load_db
 from ptychostream.core.stats import Counters, LatencyWindow, RateMeter
-from ptychostream.model.infer import Model, open_model
+from ptychostream.model.infer import Model, ModelError, open_model
 from ptychostream.model.preprocess import Preprocess
-from ptychostream.model.zoo import build_ptychonn_onnx
-from ptychostream.pipeline.batcher import Batcher
+from ptychostream.model.zoo import build_bounded_onnx, build_ptychonn_onnx
+from ptychostream.pipeline.batcher import (
+    NONFINITE_REASON,
+    Batcher,
+    OutputHealth,
+    RecentFrames,
+)
 from ptychostream.pipeline.publish import Publisher
 from ptychostream.pipeline.queue import FrameQueue
 
@@ -29,6 +34,9 @@ def model_files(tmp_path_factory) -> dict[str, str]:
         "a": build_ptychonn_onnx(folder / "a.onnx", size=SIZE, heads=("phase",), base_channels=2, depth=2),
         "b": build_ptychonn_onnx(folder / "b.onnx", size=SIZE, heads=("phase", "amplitude"), base_channels=2,
                                  depth=2, seed=1),
+        # phase = sqrt(100 - x): finite on Poisson(5) counts, NaN on a frame with a pixel above 100
+        "bounded": build_bounded_onnx(folder / "bounded.onnx", size=SIZE, limit=100.0),
+        "c16": build_ptychonn_onnx(folder / "c16.onnx", size=SIZE // 2, heads=("phase",), base_channels=2, depth=2),
     }
 
 
@@ -125,7 +133,7 @@ def test_one_batch_with_rejects_processes_the_good_frames(pipe, model_files):
     np.testing.assert_allclose(result.outputs["phase"], ref.run(np.stack([good[0], good[1], good[2]]))["phase"],
                                rtol=1e-5, atol=1e-6)
     assert [n for n, _ in pipe.rejects] == [2, 2]
-    assert "frame shape (16, 16) does not fit the model input (32, 32)" in pipe.rejects[0][1]
+    assert "frame shapes (16, 16), (1, 32, 32) do not fit the model input (32, 32)" in pipe.rejects[0][1]
     assert "NaN or inf" in pipe.rejects[1][1]
 
 
@@ -210,3 +218,111 @@ def test_frames_of_two_shapes_that_crop_to_the_model_are_both_served(pipe, model
     got = {f.unique_id: r.outputs["phase"][i] for r in pipe.results for i, f in enumerate(r.frames)}
     want = np.concatenate([ref.run(np.stack(big), pre)["phase"], ref.run(np.stack(small), pre)["phase"]])
     np.testing.assert_allclose(np.stack([got[1], got[3], got[2], got[4]]), want, rtol=1e-5, atol=1e-6)
+
+
+def bright(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Frames with one pixel above the bounded model's limit: its output is NaN there."""
+    out = frames(n, seed=seed)
+    for arr in out:
+        arr[SIZE // 2, SIZE // 2] = 500
+    return out
+
+
+@pytest.mark.faults
+def test_odd_shaped_frames_cost_only_themselves(pipe, model_files):
+    pipe.batcher.batch_size = 16
+    pipe.swap(load(model_files["a"]))
+    good, odd = frames(100), frames(10, shape=(SIZE - 1, SIZE), seed=5)
+    uids = [pipe.feed(arr)[0] for arr in good[:50]]
+    for i in range(10):  # one odd frame after every 5 good ones from here on
+        pipe.feed(odd[i])
+        uids += pipe.feed(*good[50 + 5 * i: 55 + 5 * i])
+    c = pipe.settle(processed=100, rejected=10)
+    assert identity_holds(c) and c["dropped"] == 0
+    assert [u for u, _ in pipe.by_model()] == uids == pipe.phase_posts
+    assert sum(n for n, _ in pipe.rejects) == 10
+    assert all(f"frame shape {(SIZE - 1, SIZE)} does not fit" in reason for _, reason in pipe.rejects)
+
+
+@pytest.mark.faults
+def test_nonfinite_outputs_are_rejected_and_the_rest_of_the_batch_published(pipe, model_files):
+    dim, hot = frames(5), bright(3)
+    uids = pipe.feed(dim[0], hot[0], dim[1], dim[2], hot[1], hot[2], dim[3], dim[4])
+    pipe.swap(load(model_files["bounded"]))  # queued first: one batch
+    c = pipe.settle(processed=5, rejected=3)
+    assert c["nonfinite"] == 3 and identity_holds(c)
+    good = [uids[i] for i in (0, 2, 3, 6, 7)]
+    assert [u for u, _ in pipe.by_model()] == good == pipe.phase_posts
+    assert len(pipe.results) == 1 and np.isfinite(pipe.results[0].outputs["phase"]).all()
+    np.testing.assert_allclose(pipe.results[0].outputs["phase"], np.sqrt(100.0 - np.stack(dim)), rtol=1e-6)
+    assert pipe.rejects == [(3, pipe.rejects[0][1])] and NONFINITE_REASON in pipe.rejects[0][1]
+
+
+@pytest.mark.faults
+def test_a_model_that_keeps_giving_nan_is_alarmed_until_good_outputs_return(pipe, model_files):
+    calls: list[tuple[int, str]] = []
+    pipe.batcher.on_health = lambda severity, text: calls.append((severity, text))
+    pipe.batcher.batch_size = 16  # no batch takes the window from over 1/2 to 1/10 at once
+    pipe.feed(*bright(60))
+    pipe.swap(load(model_files["bounded"]))  # queued first: batches of 16
+    c = pipe.settle(processed=0, rejected=60)
+    assert c["nonfinite"] == 60 and pipe.results == [] and pipe.phase_posts == []
+    assert calls == [(2, "model bounded gives NaN or inf on 16 of its last 16 frames: those frames are "
+                         "rejected, not published; check the model and the pre-processing")]
+    assert pipe.batcher.health.severity == 2 and pipe.batcher.health.counts() == (60, 60)
+    assert "60 of its last 60 frames" in pipe.rejects[-1][1]
+    pipe.feed(*frames(100, seed=1))
+    c = pipe.settle(processed=100, rejected=60)
+    assert c["nonfinite"] == 60 and identity_holds(c)
+    assert [s for s, _ in calls] == [2, 1, 0]
+    assert calls[-1][1].startswith("model bounded outputs are finite again (")
+    assert pipe.batcher.health.counts() == (0, 100)
+    # a swap clears the alarm with the old model's outputs
+    pipe.feed(*bright(60, seed=2))
+    pipe.settle(processed=100, rejected=120)
+    assert calls[-1][0] == 2
+    pipe.swap(load(model_files["a"]))
+    assert calls[-1] == (0, "") and pipe.batcher.health.counts() == (0, 0)
+
+
+def test_output_health_over_its_window():
+    h = OutputHealth(window=10)
+    assert (h.add(np.zeros(5, bool)), h.severity, h.counts()) == (False, 0, (0, 5))
+    assert (h.add(np.ones(1, bool)), h.severity, h.counts()) == (True, 1, (1, 6))  # 1 of 6 > 1/10
+    assert (h.add(np.ones(4, bool)), h.severity, h.counts()) == (False, 1, (5, 10))  # 5 of 10 is not > 1/2
+    assert (h.add(np.ones(1, bool)), h.severity, h.counts()) == (True, 2, (6, 10))  # the oldest good one left
+    h.reset()
+    assert (h.severity, h.counts()) == (0, (0, 0))
+    assert (h.add(np.r_[np.ones(30, bool), np.zeros(9, bool)]), h.severity, h.counts()) == (False, 0, (1, 10))
+    assert (h.add(np.ones(6, bool)), h.severity, h.counts()) == (True, 2, (6, 10))  # a batch wraps the ring
+
+
+def test_recent_frames_are_the_shape_most_frames_have_now():
+    now = [0.0]
+    recent = RecentFrames(memory_s=10.0, max_frames=100, clock=lambda: now[0])
+    assert recent.dominant() is None
+    a, odd = np.zeros((8, 8), np.uint16), np.zeros((7, 8), np.uint16)
+    recent.add((8, 8), 40, a)
+    recent.add((7, 8), 1, odd)  # the newest frame is odd: the stream is still 8x8
+    assert recent.dominant() is a
+    nan = np.full((6, 6), np.nan, np.float32)
+    recent.add((6, 6), 50, nan)  # most frames, but none usable to check a model on
+    assert recent.dominant() is a
+    b = np.ones((6, 6), np.float32)
+    recent.add((6, 6), 60, b)  # the last 100 frames: 99 of them 6x6 now
+    assert recent.dominant() is b
+    now[0] = 10.5  # nothing streamed for longer than memory_s
+    assert recent.dominant() is None
+
+
+def test_check_frames_names_both_shapes_and_catches_nan_outputs(model_files):
+    small, bounded = load(model_files["c16"]), load(model_files["bounded"])
+    with pytest.raises(ModelError, match=r"frames now streaming are \(32, 32\) uint16: its pre-processing turns "
+                                         r"\(32, 32\) frames into \(32, 32\), but the model input is \(16, 16\) "
+                                         r"\(crop none, bin 2 would fit\)"):
+        small.check_frames(frames(1)[0])
+    small.check_frames(frames(1)[0], Preprocess(bin=2))
+    with pytest.raises(ModelError, match="phase output holds NaN or inf on the frames now streaming"):
+        bounded.check_frames(bright(1)[0])
+    bounded.check_frames(frames(2))
+    assert bounded.misfit((SIZE, SIZE)) is None and "(16, 32) frames into (16, 32)" in (bounded.misfit((16, 32)) or "")

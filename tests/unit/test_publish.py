@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from manual_clock import Clock
 
 from ptychostream.core.device import DeviceState
 from ptychostream.core.frames import BatchResult, ImageFrame
 from ptychostream.core.pvdb import load_db
 from ptychostream.pipeline.publish import Publisher
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, t: float = 100.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture

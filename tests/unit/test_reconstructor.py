@@ -188,11 +188,12 @@ def test_preprocessing_setpoints(rec, tmp_path):
     want = Preprocess(crop_size=30, crop_center=(18, 20), bin=2, scale="log1p")
     wait_for(lambda: rec.batcher.preprocess == want, message="the crop centre")
     assert (d.get("PreCropX_RBV"), d.get("PreCropY_RBV"), d.get("PreScale_RBV")) == (20, 18, 1)
-    with pytest.raises(PutError, match="dark file not found"):
-        d.put("PreDarkPath", str(tmp_path / "missing.npy"))
+    with pytest.raises(PutError, match="dark file not found"):  # the file is read on a thread (a Busy put)
+        d.put("PreDarkPath", str(tmp_path / "missing.npy")).done.result(5)
+    assert d.get("PreDarkPath") == ""
     dark = tmp_path / "dark.npy"
     np.save(dark, np.full((40, 40), 3.0, np.float32))
-    d.put("PreDarkPath", str(dark))
+    d.put("PreDarkPath", str(dark)).done.result(5)
     assert d.get("PreDarkPath_RBV") == str(dark)
     pre = wait_for(lambda: rec.batcher.preprocess if rec.batcher.preprocess.dark_path == str(dark) else None,
                    message="the dark frame")
@@ -206,7 +207,7 @@ def test_capture_refusals_and_the_recorder_is_detached(rec, tmp_path):
     listeners = list(rec.publisher.listeners)
     path = str(tmp_path / "capture.h5")
     d.put("CaptureFile", f" {path} ")
-    d.put("Capture", 1)
+    d.put("Capture", 1).done.result(5)  # the file is created on a thread (a Busy put)
     assert d.get("Capture_RBV") == 1 and d.get("CaptureFile_RBV") == path
     assert len(rec.publisher.listeners) == len(listeners) + 1
     with pytest.raises(PutError, match="while capturing"):

@@ -345,7 +345,7 @@ def swap_model(recon: PtychoReconstructor, path: str, timeout: float = 60.0) -> 
 
 def _counters(recon: PtychoReconstructor) -> Plan:
     out = {}
-    for name in ("processed", "dropped", "rejected", "backlog", "received", "missed"):
+    for name in ("processed", "dropped", "rejected", "backlog", "received", "missed", "stitched", "unpositioned"):
         out[name] = int((yield from bps.rd(getattr(recon, name))))
     return out
 
@@ -364,9 +364,12 @@ def _settle(recon: PtychoReconstructor, quiet: float = 0.3, timeout: float = 10.
 
 
 def wait_drained(recon: PtychoReconstructor, num: int, timeout: float = 60.0) -> Plan:
-    """Wait until Backlog_RBV == 0 and Processed + Dropped + Rejected == ``num``."""
+    """Wait until Backlog_RBV == 0, Processed + Dropped + Rejected == ``num`` and every processed
+    frame has reached the mosaic (Stitched + Unpositioned == Processed: the stitch stage runs on
+    its own thread, behind inference)."""
     def done(c: dict[str, int]) -> bool:
-        return c["backlog"] == 0 and c["processed"] + c["dropped"] + c["rejected"] >= num
+        return (c["backlog"] == 0 and c["processed"] + c["dropped"] + c["rejected"] >= num
+                and c["stitched"] + c["unpositioned"] >= c["processed"])
 
     counts = yield from _poll(lambda: _counters(recon), done, timeout,
                               f"{recon.name} to process {num} frames", interval=0.1)
@@ -390,7 +393,8 @@ def live_ptycho_scan(recon: PtychoReconstructor, det: SimDetector, model: str | 
        (:class:`InputNotConnected`); let the frame a new monitor delivers pass.
     4. Clear the counters (ResetCounters) and the mosaic (MosaicReset, if db/ has it), configure the detector (Multiple, NumImages=ScanPoints=num,
        ScanStep=step, AcquirePeriod=period if given) and acquire.
-    5. Wait for the backlog to drain (Backlog 0, Processed+Dropped+Rejected == num) within
+    5. Wait for the backlog to drain (Backlog 0, Processed+Dropped+Rejected == num, every processed
+       frame stitched or unpositioned) within
        ``timeout`` (:class:`ScanTimeout`), then read both devices into one event.
 
     The reconstructor is unstaged (Enable=0) at the end, and left disabled on any failure.

@@ -27,10 +27,10 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"ptychostream ioc {prefix} ready (PVA{' + CA' if ca else ''}, {len(recon.device.db)} PVs)", flush=True)
 
-    try:
-        asyncio.run(serve(recon.device, prefix, ca=ca, tasks=[recon.status_task], ready=ready))
+    try:  # on SIGTERM/SIGINT the device stops first (recon.stop: the cut point), then the servers
+        asyncio.run(serve(recon.device, prefix, ca=ca, tasks=[recon.status_task], ready=ready, shutdown=recon.stop))
     finally:
-        recon.stop()
+        recon.stop()  # a no-op after a clean stop; the servers are gone if serve() failed
     return 0
 
 
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_score_parser(sub)
+
+    from ptychostream.cli.record import add_record_parser
+
+    add_record_parser(sub)
 
     p = sub.add_parser("pairs", help="training pairs: a record's frames + patches of a later reconstruction",
                        description="Join the diffraction frames of an HDF5 record (CaptureFrames=Yes) with "

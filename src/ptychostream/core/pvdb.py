@@ -6,6 +6,7 @@ types, limits and descriptions from here and nowhere else.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import sys
@@ -184,17 +185,33 @@ class PVDatabase:
 
 
 def db_dir() -> Path:
-    """Folder of the ``.db`` files: $PTYCHOSTREAM_DB_DIR, the source tree, or the installed copy."""
-    env = os.environ.get("PTYCHOSTREAM_DB_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [
-        Path(__file__).resolve().parents[3] / "db",
-        Path(sys.prefix) / "share" / "ptychostream" / "db",
-    ]
-    for path in candidates:
+    """Folder of the ``.db`` files: $PTYCHOSTREAM_DB_DIR, the source tree, or the installed copy.
+
+    An installed wheel carries ``db/`` as data files in ``<scheme data>/share/ptychostream/db``
+    (pyproject.toml ``[tool.setuptools.data-files]``): ``sys.prefix`` for a venv or system
+    install; the distribution's RECORD says where for a ``--user`` or ``--prefix`` install.
+    """
+
+    def places() -> Iterator[Path]:
+        env = os.environ.get("PTYCHOSTREAM_DB_DIR")
+        if env:
+            yield Path(env)
+        yield Path(__file__).resolve().parents[3] / "db"
+        try:  # read only when neither of the above has it
+            files = importlib.metadata.distribution("ptychostream").files or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        for f in files:
+            if f.name == "reconstructor.db" and f.parent.name == "db":
+                yield Path(str(f.locate())).resolve().parent
+        yield Path(sys.prefix) / "share" / "ptychostream" / "db"
+
+    tried = []
+    for path in places():
         if (path / "reconstructor.db").is_file():
             return path
-    raise FileNotFoundError(f"no ptychostream db/ folder found in {', '.join(map(str, candidates))}")
+        tried.append(str(path))
+    raise FileNotFoundError(f"no ptychostream db/ folder found in {', '.join(tried)}")
 
 
 def _num(fields: dict[str, str], key: str) -> float | None:

@@ -8,13 +8,27 @@ from collections import deque
 
 import numpy as np
 
-__all__ = ["Counters", "RateMeter", "LatencyWindow"]
+__all__ = ["Counters", "RateMeter", "LatencyWindow", "INT32_MAX", "saturate"]
+
+#: the largest value an int32 PV (longin) can show
+INT32_MAX = 2**31 - 1
+
+
+def saturate(n: int, low: int = -(2**31), high: int = INT32_MAX) -> int:
+    """``n`` clipped into an int32 PV's range: a count past 2**31 - 1 shows 2**31 - 1, never wraps."""
+    return low if n < low else high if n > high else int(n)
 
 
 class Counters:
-    """Thread-safe monotonic frame counters."""
+    """Thread-safe frame counters (Python ints: they never wrap; :func:`saturate` them into int32 PVs).
 
-    NAMES = ("received", "processed", "rejected", "missed")
+    ``missed`` counts uniqueIds not received; it goes down when a frame it counted arrives late
+    (see :class:`~ptychostream.pipeline.receive.GapCounter`). ``outoforder``, ``duplicates``,
+    ``restarts`` and ``noid`` (frames whose uniqueId is not a frame count, <= 0) come from there too.
+    """
+
+    NAMES = ("received", "processed", "rejected", "missed", "nonfinite", "outoforder", "duplicates", "restarts",
+             "noid")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -23,6 +37,12 @@ class Counters:
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._values[name] += n
+
+    def add_many(self, changes: dict[str, int]) -> None:
+        """Add each ``name: n`` under one lock (a reader never sees half of it)."""
+        with self._lock:
+            for name, n in changes.items():
+                self._values[name] += n
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -10,22 +10,31 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ptychostream.core.device import DeviceState, PutError
+from ptychostream.core.device import Busy, DeviceState, PutError
 from ptychostream.core.frames import ImageFrame
+from ptychostream.core.messages import GrowthReport
 from ptychostream.core.pvdb import load_db
-from ptychostream.core.stats import Counters, LatencyWindow, RateMeter
+from ptychostream.core.stats import Counters, LatencyWindow, RateMeter, saturate
+from ptychostream.model.infer import Model, ModelError
 from ptychostream.model.preprocess import NORMALISATIONS as NORMS
 from ptychostream.model.preprocess import SCALES, Preprocess
 from ptychostream.pipeline.batcher import Batcher
 from ptychostream.pipeline.publish import Publisher
 from ptychostream.pipeline.queue import POLICIES, FrameQueue
-from ptychostream.pipeline.receive import GapCounter, PositionMonitor, Receiver
+from ptychostream.pipeline.receive import (
+    REORDER_WINDOW,
+    GapCounter,
+    PositionMonitor,
+    Receiver,
+)
 from ptychostream.pipeline.record import Recorder
 from ptychostream.pipeline.stitch import SOURCES, MosaicStage, load_trajectory
 
@@ -39,6 +48,12 @@ MODEL_NONE, MODEL_LOADING, MODEL_READY, MODEL_ERROR = range(4)
 #: Status_RBV states, in the order of db/
 ST_DISABLED, ST_IDLE, ST_RUNNING, ST_OVERLOAD, ST_ERROR = range(5)
 CONNECT_TIMEOUT_S = 5.0
+#: counter growth (drops, missed, out of order, ...) is told at most once per counter per this many seconds
+REPORT_PERIOD_S = 1.0
+#: how long a stop lets the frames already queued be inferred; what is left stays counted as Backlog
+STOP_DRAIN_S = 2.0
+#: how long a stop waits for a slow put still in progress (a Capture opening its file)
+STOP_PUTS_S = 1.0
 #: the pre-processing setpoints (each has a _RBV)
 PRE_PVS = ("PreFFTShift", "PreCropSize", "PreCropX", "PreCropY", "PreBin", "PreThreshold", "PreScale",
            "PreNormalise", "PreNormValue", "PreDarkPath")
@@ -49,7 +64,7 @@ class Reconstructor:
 
     def __init__(self, device: DeviceState | None = None) -> None:
         self.device = device or DeviceState(load_db("reconstructor.db"), message_pv="Message_RBV",
-                                             refused_pv="RefusedPuts_RBV")
+                                             refused_pv="RefusedPuts_RBV", history_pv="MessageHistory_RBV")
         d = self.device
         self.counters = Counters()
         self.in_rate = RateMeter()
@@ -60,6 +75,7 @@ class Reconstructor:
         self.batcher = Batcher(self.queue, self.publisher, self.counters, self.latency,
                                self.out_rate, self._on_reject)
         self.batcher.batch_size = d.get("BatchSize")
+        self.batcher.on_health = self._on_model_health
         self.receiver = Receiver(self._on_monitor_frame, self._on_bad_frame, self._on_connect)
         self.mosaic = MosaicStage(d, lambda text, sev: self.message(text, severity=sev))
         self.publisher.add_listener(self.mosaic.on_result)
@@ -68,17 +84,26 @@ class Reconstructor:
         self.table_monitor = PositionMonitor(self._on_table, lambda text: self.message(text, severity=1))
         self.motor_monitors = [PositionMonitor(self._motor_cb(axis), lambda text: self.message(text, severity=1))
                                for axis in (0, 1)]
-        self._gaps = {"monitor": GapCounter(), "put": GapCounter()}
+        self._gaps = {"monitor": GapCounter(self.counters), "put": GapCounter(self.counters)}
         self.receiver.on_stale = self._on_stale
+        self._growth = GrowthReport(period=REPORT_PERIOD_S)
+        self._shown_recorder: Recorder | None = None
         self._enabled = False
         self._monitor_since: float | None = None
         self._model_error = False
         self._load_lock = threading.Lock()
+        self._model_status_lock = threading.Lock()
         self._load_seq = 0
         self._model_info = None
         self._dark_path = ""
         self._dark: np.ndarray | None = None
         self._crop_xy = (-1, -1)
+        self._stopping = False  # intake refused from the start of stop() on
+        self._stopped = False
+        self._capture_opening = False  # a Capture=1 creating its file (on a thread)
+        self._slow_lock = threading.Lock()
+        self._slow_puts: dict[str, Future] = {}  # the latest slow put to each PV
+        self._closing: list[threading.Thread] = []  # records closing after Capture=0
         self._register()
         for name in ("BatchSize", "BacklogLimit", "BacklogPolicy", "PublishRate", "PositionSource", "PosAttrX",
                      "PosAttrY", "PosScale", "PositionTimeout", "PixelSize", "MosaicRate", "MosaicOffset",
@@ -93,18 +118,55 @@ class Reconstructor:
         self.batcher.start()
         self.mosaic.start()
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = STOP_DRAIN_S) -> None:
+        """Stop the device, once (later calls return at once). ``serve`` runs it on SIGTERM/SIGINT
+        while the loop and both servers still run, so its last readbacks and messages go out.
+
+        The cut point, in this order:
+
+        1. intake stops: the detector monitor closes, puts to ``Input`` (and ``Capture=1``) are
+           refused from now on;
+        2. the frames already queued are inferred for up to ``drain_s`` s (if a model serves); what
+           is left then stays counted as Backlog, and is neither recorded nor stitched;
+        3. the inference thread ends after its batch in hand, so every result published has
+           reached the stitch stage's and the recorder's inboxes; a slow put still running (a
+           Capture opening its file) gets up to :data:`STOP_PUTS_S` s to end;
+        4. the record being captured is closed with the final mosaic (every result stitched so
+           far) and its end time, and records closing after an earlier ``Capture=0`` finish;
+        5. the position monitors and the stitch thread stop.
+
+        The final account is logged: ``stopped: R received = P processed + D dropped +
+        J rejected + B left in the queue``.
+        """
+        if self._stopped:
+            return
+        self._stopped = self._stopping = True
+        t0 = time.monotonic()
+        self.receiver.close()
+        if self.batcher.model is not None:
+            deadline = t0 + drain_s
+            while self.queue.backlog and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.batcher.stop()
+        self.batcher.join(timeout=5)
+        with self._slow_lock:
+            pending = list(self._slow_puts.values())
+        wait_futures(pending, timeout=STOP_PUTS_S)
         if self.recorder is not None:
             rec, self.recorder = self.recorder, None
+            self.publisher.remove_listener(rec.submit)
             self._finish_record(rec)
-        self.receiver.close()
+        for thread in self._closing:
+            thread.join(timeout=5)
         self.table_monitor.close()
         for m in self.motor_monitors:
             m.close()
-        self.batcher.stop()
         self.mosaic.stop()
-        self.batcher.join(timeout=5)
         self.mosaic.join(timeout=5)
+        c = self.counters.snapshot()
+        text = (f"stopped: {c['received']} received = {c['processed']} processed + {self.queue.dropped} dropped + "
+                f"{c['rejected']} rejected + {self.queue.backlog} left in the queue ({time.monotonic() - t0:.2f} s)")
+        self.message(text)
 
     async def status_task(self, period: float = 0.1) -> None:
         """Copy counters, rates and latency into their PVs (the IOC's scan task)."""
@@ -113,14 +175,16 @@ class Reconstructor:
             await asyncio.sleep(period)
 
     def update_status(self) -> None:
+        """Counters into their PVs (int32: saturated at 2**31 - 1, never wrapped), counter growth into
+        rate-limited messages, the message history into MessageHistory_RBV."""
         d, c = self.device, self.counters.snapshot()
-        d.set("Received_RBV", c["received"])
-        d.set("Processed_RBV", c["processed"])
-        d.set("Rejected_RBV", c["rejected"])
-        d.set("Missed_RBV", c["missed"])
-        d.set("Dropped_RBV", self.queue.dropped)
-        backlog = self.queue.backlog
-        d.set("Backlog_RBV", backlog)
+        dropped, backlog = self.queue.dropped, self.queue.backlog
+        d.set_many({f"{name}_RBV": saturate(value) for name, value in (
+            ("Received", c["received"]), ("Processed", c["processed"]), ("Rejected", c["rejected"]),
+            ("NonFinite", c["nonfinite"]), ("Missed", c["missed"]), ("OutOfOrder", c["outoforder"]),
+            ("Duplicates", c["duplicates"]), ("SourceRestarts", c["restarts"]), ("Dropped", dropped),
+            ("Backlog", backlog))})
+        self._report_growth(c, dropped)
         in_rate, out_rate = self.in_rate.rate(), self.out_rate.rate()
         d.set("InputRate_RBV", round(in_rate, 1))
         d.set("FrameRate_RBV", round(out_rate, 1))
@@ -137,46 +201,83 @@ class Reconstructor:
             state = ST_RUNNING
         else:
             state = ST_IDLE
-        d.set("Status_RBV", state)
-        d.set_many(self.mosaic.status())
+        # a model that keeps giving NaN/inf raises the device status alarm too (see Batcher.on_health)
+        d.set("Status_RBV", state, severity=max(d.db["Status_RBV"].severity_of(state), self.model_severity()))
+        d.set_many({name: saturate(value) for name, value in self.mosaic.status().items()})
         rec = self.recorder
-        written, dropped = (rec.written, rec.dropped) if rec is not None else self._record_counts
-        d.set("CaptureWritten_RBV", written)
-        d.set("CaptureDropped_RBV", dropped)
+        written, rec_dropped = (rec.written, rec.dropped) if rec is not None else self._record_counts
+        d.set("CaptureWritten_RBV", saturate(written))
+        d.set("CaptureDropped_RBV", saturate(rec_dropped))
+        if rec is not None:  # a closed record keeps showing its final count
+            self._shown_recorder = rec
+        shown = self._shown_recorder
+        d.set("CaptureFlushed_RBV", saturate(shown.flushed if shown is not None else 0))
         since = self._monitor_since
         if since is not None and time.monotonic() - since > CONNECT_TIMEOUT_S:
             self._monitor_since = None
             if not d.get("InputConnected_RBV"):
                 self.message(f"InputPV {self.receiver.channel} not connected after {CONNECT_TIMEOUT_S:.0f} s: "
                              "check the name and that the detector IOC is reachable", severity=1)
+        d.publish_messages()
 
-    def message(self, text: str, severity: int = 0) -> None:
+    def _report_growth(self, c: dict[str, int], dropped: int) -> None:
+        """What grew since it was last told, as one routine message per counter and REPORT_PERIOD_S."""
+        restart = next((g.last_restart for g in self._gaps.values() if g.last_restart), None)
+        noid = next((g.last_noid for g in self._gaps.values() if g.last_noid is not None), None)
+        policy, limit = self.queue.policy, self.queue.limit
+        reports = (
+            ("dropped", dropped, 1, lambda n, dt: f"{n} frame(s) dropped (BacklogPolicy {policy}, queue full at "
+                                                  f"{limit}) in the last {dt:.1f} s"),
+            ("missed", c["missed"], 1, lambda n, dt: f"{n} frame(s) missed upstream (uniqueId gaps) in the last "
+                                                     f"{dt:.1f} s"),
+            ("outoforder", c["outoforder"], 0, lambda n, dt: f"{n} frame(s) came out of order (uniqueId back by at "
+                                                             f"most {REORDER_WINDOW}) in the last {dt:.1f} s"),
+            ("duplicates", c["duplicates"], 1, lambda n, dt: f"{n} frame(s) with a uniqueId seen already in the "
+                                                             f"last {dt:.1f} s"),
+            ("restarts", c["restarts"], 0, lambda n, dt: f"source restarted {n} time(s) in the last {dt:.1f} s "
+                                                         f"(last: uniqueId {restart[1] if restart else '?'} after "
+                                                         f"{restart[0] if restart else '?'}); counting from there"),
+            ("noid", c["noid"], 1, lambda n, dt: f"{n} frame(s) with uniqueId <= 0 (last: {noid}) in the last "
+                                                 f"{dt:.1f} s: not a frame count, left out of Missed"),
+        )
+        for name, total, severity, say in reports:
+            grew = self._growth.check(name, total)
+            if grew:
+                self.message(say(*grew), severity=severity, frames=grew[0] if name != "restarts" else 0,
+                             routine=True)
+
+    def message(self, text: str, severity: int = 0, frames: int = 0, routine: bool = False) -> None:
+        """Log and show a status message (Message_RBV; every reason is kept in MessageHistory_RBV,
+        see :meth:`DeviceState.message`)."""
         _log.info("%s", text)
-        self.device.set("Message_RBV", text, severity=severity)
+        self.device.message(text, severity=severity, frames=frames, routine=routine)
 
     # -- intake -------------------------------------------------------------------
     def _intake(self, frame: ImageFrame, source: str) -> None:
         self.counters.add("received")
         self.in_rate.add()
-        missed = self._gaps[source].update(frame.unique_id)
-        if missed:
-            self.counters.add("missed", missed)
+        self._gaps[source].update(frame.unique_id)  # missed, out of order, duplicates, restarts
         self.queue.put(frame)
 
-    def _on_stale(self, uid: int) -> None:
-        """The current value seen on connecting: not counted, but gaps count from it."""
-        self._gaps["monitor"].last = uid or None
+    def _on_stale(self, uid: int, rejoin: bool) -> None:
+        """The channel's current value seen on (re)connecting: not a received frame. On joining, its
+        uniqueId is the base and the frames before it are not counted as missed (see GapCounter.join:
+        they were published before we watched, and a uniqueId does not say when the acquisition began);
+        on rejoining after a disconnect, the frames published meanwhile are missed."""
+        self._gaps["monitor"].join(uid, rejoin)
+        if not rejoin and uid > 1:
+            self.message(f"joined {self.receiver.channel} at uniqueId {uid}: that frame (its current value) and "
+                         "any before it are not counted; Missed counts from it", routine=True)
 
     def _on_monitor_frame(self, frame: ImageFrame) -> None:
         self._intake(frame, "monitor")
 
     def _on_bad_frame(self, reason: str) -> None:
-        self.counters.add("received")
-        self.counters.add("rejected")
-        self.message(f"rejected frame: {reason}", severity=1)
+        self.counters.add_many({"received": 1, "rejected": 1})
+        self.message(f"rejected frame: {reason}", severity=1, frames=1)
 
     def _on_reject(self, n: int, reason: str) -> None:
-        self.message(f"rejected {n} frame(s): {reason}", severity=1)
+        self.message(f"rejected {n} frame(s): {reason}", severity=1, frames=n)
 
     def _on_connect(self, connected: bool, text: str) -> None:
         if connected:
@@ -210,9 +311,16 @@ class Reconstructor:
 
         @on("Input")
         def _input(frame: ImageFrame) -> None:
-            if not self._enabled:
-                raise PutError("reconstructor is disabled: put Enable=1 first")
+            self._check_intake()
             self._intake(frame, "put")
+
+        @d.on_bad_image("Input")
+        def _input_undecodable(reason: str) -> None:
+            """A put to Input that does not decode into a frame: a frame received and rejected (as a
+            monitor update that does not decode is), so Received = Processed + Dropped + Rejected +
+            Backlog holds and the reason is in Message_RBV; while disabled, a refused put instead."""
+            self._check_intake()
+            self._on_bad_frame(reason)
 
         @on("BatchSize")
         def _batch(value: int) -> None:
@@ -304,19 +412,26 @@ class Reconstructor:
         motor_pv("MotorYPV", 1)
 
         @on("TrajectoryFile")
-        def _trajectory(value: str) -> str:
+        def _trajectory(value: str) -> Busy:
             value = value.strip()
-            traj = None
-            if value:
-                try:
-                    traj = load_trajectory(value, d.get("PosScale"))
-                except (OSError, ValueError, KeyError) as exc:
-                    raise PutError(f"TrajectoryFile: {exc}") from None
-            self.mosaic.configure(trajectory=traj)
-            d.set("TrajectoryFile_RBV", value)
-            if traj is not None:
-                self.message(f"trajectory of {len(traj)} points from {value}")
-            return value
+            scale = d.get("PosScale")
+
+            def read() -> str:
+                traj = None
+                if value:
+                    try:
+                        _open_once(value)
+                        traj = load_trajectory(value, scale)  # the slow part: no lock held
+                    except (OSError, ValueError, KeyError) as exc:
+                        raise PutError(f"TrajectoryFile: {exc}") from None
+                with d.handler_lock:
+                    self.mosaic.configure(trajectory=traj)
+                    if traj is not None:
+                        self.message(f"trajectory of {len(traj)} points from {value}")
+                    d.set("TrajectoryFile_RBV", value)
+                return value
+
+            return self._slow_put("TrajectoryFile", value, read)
 
         def extent(name: str) -> None:
             @on(name)
@@ -339,30 +454,37 @@ class Reconstructor:
 
         @on("CaptureFile")
         def _capture_file(value: str) -> str:
-            if self.recorder is not None:
+            if self.recorder is not None or self._capture_opening:
                 raise PutError("cannot change CaptureFile while capturing: put Capture=0 first")
             return value.strip()
 
+        @on("CaptureFlushPeriod")
+        def _flush_period(value: float) -> None:
+            rec = self.recorder
+            if rec is not None:  # the writer takes it from its next flush on
+                rec.flush_period = float(value)
+            d.set("CaptureFlushPeriod_RBV", value)
+
+        d.set("CaptureFlushPeriod_RBV", d.get("CaptureFlushPeriod"))
+
         @on("Capture")
-        def _capture(value: int) -> None:
-            if value and self.recorder is None:
+        def _capture(value: int) -> Busy | None:
+            if value and self.recorder is None and not self._capture_opening:
+                if self._stopping:
+                    raise PutError("Capture: the IOC is stopping")
                 path = d.get("CaptureFile").strip()
                 if not path:
                     raise PutError("Capture: set CaptureFile first")
-                try:
-                    self.recorder = Recorder(path, frames=bool(d.get("CaptureFrames")), attr_x=d.get("PosAttrX"),
-                                             attr_y=d.get("PosAttrY"), scale=d.get("PosScale"),
-                                             on_error=lambda text: self.message(text, severity=2))
-                except OSError as exc:
-                    raise PutError(f"Capture: cannot write {path}: {exc}") from None
-                self.publisher.add_listener(self.recorder.submit)
-                d.set("CaptureFile_RBV", path)
-                d.set("Capture_RBV", 1)
-                self.message(f"recording to {path}")
-            elif not value and self.recorder is not None:
-                rec, self.recorder = self.recorder, None
-                self.publisher.remove_listener(rec.submit)
-                threading.Thread(target=self._finish_record, args=(rec,), daemon=True).start()
+                self._capture_opening = True  # until the record's file exists (on a thread)
+                rec_settings = {"frames": bool(d.get("CaptureFrames")), "attr_x": d.get("PosAttrX"),
+                                "attr_y": d.get("PosAttrY"), "scale": d.get("PosScale"),
+                                "flush_period": d.get("CaptureFlushPeriod")}
+                return self._slow_put("Capture", value, lambda: self._open_record(path, rec_settings))
+            if not value and self._capture_opening:  # close it once it is open
+                return self._slow_put("Capture", value, self._close_record)
+            if not value:
+                self._close_record()
+            return None
 
         @on("MosaicReset")
         def _mosaic_reset(value: int) -> int:
@@ -383,9 +505,76 @@ class Reconstructor:
             self.message(f"record: no final mosaic ({exc})", severity=1)
         rec.close(mosaic)
         self._record_counts = (rec.written, rec.dropped)
-        self.device.set("Capture_RBV", 0)
-        if not rec.error:
+        if not rec.error:  # first: a client that waits on Capture_RBV == 0 then finds why
             self.message(f"record {rec.path} closed: {rec.written} frames, {rec.dropped} dropped")
+        self.device.set("Capture_RBV", 0)
+
+    def _open_record(self, path: str, settings: dict[str, Any]) -> int:
+        """Capture=1's slow part (a worker thread): create the record's file with no lock held, then
+        start recording. Refused (PutError) when the file cannot be written or a setting is invalid."""
+        try:
+            try:
+                _open_once(path, "ab")
+                rec = Recorder(path, on_error=lambda text: self.message(text, severity=2), **settings)
+            except (OSError, ValueError) as exc:
+                raise PutError(f"Capture: cannot write {path}: {exc}") from None
+            with self.device.handler_lock:
+                if self._stopping:  # stop() began meanwhile and will not see this record: close it here
+                    rec.close()
+                    raise PutError("Capture: the IOC is stopping")
+                self.recorder = rec
+                rec.flush_period = float(self.device.get("CaptureFlushPeriod"))  # if put while the file opened
+                self.publisher.add_listener(rec.submit)
+                self.device.set("CaptureFile_RBV", path)
+                self.device.set("CaptureFlushPeriod_RBV", rec.flush_period)
+                self.message(f"recording to {path}")  # before Capture_RBV, as for the close
+                self.device.set("Capture_RBV", 1)
+        finally:
+            self._capture_opening = False
+        return 1
+
+    def _close_record(self) -> None:
+        """Capture=0: stop feeding the record and close it on a thread (its end and mosaic follow)."""
+        with self.device.handler_lock:
+            rec, self.recorder = self.recorder, None
+            if rec is None:
+                return
+            self.publisher.remove_listener(rec.submit)
+            thread = threading.Thread(target=self._finish_record, args=(rec,), name="ptychostream-record-close",
+                                      daemon=True)
+            self._closing = [t for t in self._closing if t.is_alive()] + [thread]
+        thread.start()
+
+    def _check_intake(self) -> None:
+        """Refuse a put to Input while disabled or stopping (a refused put, not a frame)."""
+        if self._stopping:
+            raise PutError("the IOC is stopping: no more frames")
+        if not self._enabled:
+            raise PutError("reconstructor is disabled: put Enable=1 first")
+
+    def _slow_put(self, name: str, value: Any, work: Callable[[], Any]) -> Busy:
+        """Complete a put to ``name`` later: ``work()`` (a file read, then applying it) runs on a thread
+        with no lock held, after the earlier slow puts to ``name``. It returns the setpoint (None:
+        ``value``) or raises PutError, which refuses the put. The client's put (CA put-callback, PVA
+        put) completes then, the setpoint is stored only then; CA and the status task never wait."""
+        done: Future = Future()
+        with self._slow_lock:
+            before = self._slow_puts.get(name)
+            self._slow_puts[name] = done
+
+        def run() -> None:
+            if before is not None:
+                wait_futures([before])
+            try:
+                done.set_result(work())
+            except PutError as exc:
+                done.set_exception(exc)
+            except Exception as exc:  # still the put's answer, not a dead thread
+                _log.exception("put to %s failed", name)
+                done.set_exception(PutError(f"{name}: {exc}"))
+
+        threading.Thread(target=run, name=f"ptychostream-put-{name}", daemon=True).start()
+        return Busy(value, done, setpoint_later=True)
 
     def _mosaic_settings(self) -> dict[str, Any]:
         d = self.device
@@ -430,6 +619,8 @@ class Reconstructor:
 
     def _make_pre_handler(self, name: str):
         def handler(value: Any) -> Any:
+            if name == "PreDarkPath" and value != self._dark_path:  # a file to read: on a thread
+                return self._slow_put(name, value, lambda: self._apply_dark(value))
             try:
                 pre = self._preprocess_from_pvs({name: value})
             except (ValueError, OSError, KeyError) as exc:
@@ -438,6 +629,26 @@ class Reconstructor:
             self._show_preprocess(pre, setpoints=False)
             return value
         return handler
+
+    def _apply_dark(self, path: str) -> str:
+        """PreDarkPath's slow part (a worker thread): read the dark frame with no lock held, then use it."""
+        try:
+            if path:
+                _open_once(path)
+            dark = _load_dark(path) if path else None
+        except (ValueError, OSError, KeyError) as exc:
+            raise PutError(f"PreDarkPath: {exc}") from None
+        with self.device.handler_lock:
+            old = self._dark, self._dark_path
+            self._dark, self._dark_path = dark, path
+            try:
+                pre = self._preprocess_from_pvs({"PreDarkPath": path})  # the dark is read: no second read
+            except (ValueError, OSError, KeyError) as exc:
+                self._dark, self._dark_path = old
+                raise PutError(f"PreDarkPath: {exc}") from None
+            self.batcher.set_preprocess(pre)
+            self._show_preprocess(pre, setpoints=False)
+        return path
 
     def _show_preprocess(self, pre: Preprocess, setpoints: bool = True) -> None:
         """Write a Preprocess into the Pre*_RBV PVs (and the setpoints after a model load)."""
@@ -459,7 +670,7 @@ class Reconstructor:
         with self._load_lock:
             self._load_seq += 1
             seq = self._load_seq
-        self.device.set("ModelStatus_RBV", MODEL_LOADING)
+        self._set_model_status(MODEL_LOADING)
         self.message(f"loading {path}" if path else "unloading model")
         threading.Thread(target=self._load_worker, args=(seq, path, backend),
                          name="ptychostream-load", daemon=True).start()
@@ -498,6 +709,8 @@ class Reconstructor:
                 self.message(f"model's dark frame {pre.dark_path} not loaded: {exc}", severity=1)
         if pre.dark is None and self._dark is not None:
             pre = replace(pre, dark=self._dark, dark_path=self._dark_path)
+        if not self._fits_stream(seq, path, model, pre):
+            return
         if not self.batcher.swap(model, pre).wait(timeout=30):
             self.message("the inference loop did not take the new model within 30 s", severity=2)
         self._model_error = False
@@ -530,7 +743,59 @@ class Reconstructor:
             if seq != self._load_seq:
                 return
         self.message(text, severity=severity)  # first, so a client that sees the status finds why
-        self.device.set("ModelStatus_RBV", status)
+        self._set_model_status(status)
+
+    def _fits_stream(self, seq: int, path: str, model: Model, pre: Preprocess) -> bool:
+        """Check a candidate against a real frame of the stream now flowing; refuse it (closed, the
+        serving model kept) unless that frame's shape fits it with ``pre`` and its outputs are finite."""
+        frame = self.batcher.streaming_frame()
+        if frame is None:  # nothing streams: the self-test is all there is to go on
+            return True
+        try:
+            model.check_frames(frame, pre)
+        except ModelError as exc:
+            model.close()
+            serving = self.batcher.model is not None
+            self._model_error = not serving
+            keep = "; the previous model keeps serving" if serving else ""
+            self._finish_load(seq, MODEL_READY if serving else MODEL_ERROR,
+                              f"model {path} refused: {exc}{keep}", severity=2)
+            return False
+        return True
+
+    def model_severity(self) -> int:
+        """The serving model's output alarm (0, 1 MINOR, 2 MAJOR: see ``OutputHealth``), for Status_RBV."""
+        return self.batcher.health.severity
+
+    def _set_model_status(self, status: int | None = None) -> None:
+        """ModelStatus_RBV (None: the current state) with the alarm of its state (db/) or of the
+        serving model's outputs, whichever is worse."""
+        with self._model_status_lock:  # the load thread and the inference thread both write it
+            if status is None:
+                status = int(self.device.get("ModelStatus_RBV"))
+            spec = self.device.db["ModelStatus_RBV"]
+            self.device.set("ModelStatus_RBV", status, severity=max(spec.severity_of(status), self.model_severity()))
+
+    def _on_model_health(self, severity: int, text: str) -> None:
+        """The serving model's outputs turned NaN/inf, or finite again (the inference thread)."""
+        if text:
+            self.message(text, severity=severity)
+        self._set_model_status()
+
+
+def _open_once(path: str, mode: str = "rb") -> None:
+    """Open and close ``path`` with Python's open(), which lets go of the GIL while the disk answers.
+
+    h5py holds the GIL in every HDF5 call, so a first open through h5py (a record, an HDF5
+    trajectory or dark) on a stalled disk would stall every thread of the IOC: CA, the status
+    task, inference. Waiting here first moves that wait off the GIL. Errors are the reader's to
+    report; mode "ab" creates a record's file (its writer then replaces it).
+    """
+    try:
+        with open(path, mode):
+            pass
+    except OSError:
+        pass
 
 
 def _load_dark(path: str) -> np.ndarray:

@@ -240,8 +240,9 @@ class SimDetector:
                 # true patches of the first scan points only: a 128x128 patch is 131 kB
                 write_truth_h5(truth, source.simulator, idx=np.arange(min(source.simulator.n, TRUTH_PATCHES)))
                 d.set("cam1:TruthFile_RBV", truth)
-            d.set("cam1:DetectorState_RBV", ACQUIRE)
+            # the message first: a client that waits on DetectorState_RBV == Acquire then finds what runs
             d.set("cam1:StatusMessage_RBV", f"acquiring: {source.description}")
+            d.set("cam1:DetectorState_RBV", ACQUIRE)
             aborted = self._publish(source)
             d.set("cam1:DetectorState_RBV", ABORTED if aborted else IDLE)
             d.set("cam1:StatusMessage_RBV", "aborted" if aborted else f"done: {self._image_counter} frames")

@@ -75,13 +75,9 @@ class Model:
         pre = self.preprocess
         h, w = self.info.input_shape
         shape = tuple(raw_shape) if raw_shape is not None else _selftest_raw_shape(pre, (h, w))
-        try:
-            got = tuple(pre.output_shape(shape))
-        except ValueError as exc:
-            raise ModelError(f"self-test: pre-processing cannot handle {shape} frames: {exc}") from None
-        if got != (h, w):
-            raise ModelError(f"self-test: pre-processing turns {shape} frames into {got}, but the "
-                             f"model input is {(h, w)}; adjust crop/bin")
+        misfit = self.misfit(shape, pre)
+        if misfit:
+            raise ModelError(f"self-test: {misfit}; adjust crop/bin")
         rng = np.random.default_rng(seed)
         shapes: dict[str, tuple[int, ...]] = {}
         for n in (1, 3):
@@ -108,6 +104,50 @@ class Model:
                     raise ModelError(f"self-test: output {label} holds NaN or inf")
                 shapes[label] = arr.shape
         return shapes
+
+    def misfit(self, raw_shape: tuple[int, ...], preprocess: Preprocess | None = None) -> str | None:
+        """Why ``preprocess`` (default: the model's) cannot turn ``raw_shape`` frames into the model
+        input, or None when it can."""
+        pre = preprocess if preprocess is not None else self.preprocess
+        shape = tuple(int(s) for s in raw_shape)
+        want = tuple(self.info.input_shape)
+        try:
+            got = tuple(pre.output_shape(shape))
+        except ValueError as exc:
+            return f"pre-processing cannot handle {shape} frames: {exc}"
+        if len(shape) == 2 and got == want:
+            return None
+        return f"pre-processing turns {shape} frames into {got}, but the model input is {want}"
+
+    def check_frames(self, raw: np.ndarray, preprocess: Preprocess | None = None) -> None:
+        """Raise ModelError unless this model serves the real frames ``raw`` ((H, W) or (n, H, W)).
+
+        Their shape must fit the model input through ``preprocess`` (default: the model's), and
+        every output must be finite: a self-test on random counts cannot see a model that
+        overflows on the intensities of a real detector.
+        """
+        raw = np.asarray(raw)
+        if raw.ndim == 2:
+            raw = raw[None]
+        pre = preprocess if preprocess is not None else self.preprocess
+        desc = f"{tuple(raw.shape[1:])} {raw.dtype}"
+        misfit = self.misfit(raw.shape[1:], pre)
+        if misfit:
+            try:  # what would fit, as a hint for the model's ptychostream.preprocess
+                fit = pre.fit_to(raw.shape[1:], self.info.input_shape)
+                hint = f" (crop {fit.crop_size or 'none'}, bin {fit.bin} would fit)"
+            except ValueError:
+                hint = ""
+            raise ModelError(f"the frames now streaming are {desc}: its {misfit}{hint}")
+        try:
+            outs = self.run(raw, pre)
+        except Exception as exc:
+            raise ModelError(f"inference on the frames now streaming ({desc}) failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        bad = [label for label, arr in outs.items() if not np.isfinite(arr).all()]
+        if bad:
+            raise ModelError(f"its {' and '.join(bad)} output holds NaN or inf on the frames now "
+                             f"streaming ({desc})")
 
     def close(self) -> None:
         if self.backend is not None:

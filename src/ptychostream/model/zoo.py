@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ptychostream.model.info import count_parameters
 from ptychostream.model.network import NetLayout
 
-__all__ = ["build_ptychonn_onnx", "param_count", "ir_version_for"]
+__all__ = ["build_ptychonn_onnx", "build_bounded_onnx", "param_count", "ir_version_for"]
 
 def param_count(path: str | Path) -> int:
     """Number of learned parameters in the ONNX file at ``path`` (see :func:`ptychostream.model.info.count_parameters`)."""
@@ -174,6 +174,30 @@ def build_ptychonn_onnx(
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in zip(output_names, out_shapes)],
         initializer=g.inits,
     )
+    return _save(graph, path, opset, metadata)
+
+
+def build_bounded_onnx(path: str | Path, size: int = 128, limit: float = 100.0, opset: int = 17,
+                       metadata: dict[str, Any] | None = None) -> str:
+    """Write a model that is only defined for inputs up to ``limit``: phase = sqrt(limit − x).
+
+    Its output is finite where every input pixel is at most ``limit`` and NaN wherever one is
+    above, as a network whose activations overflow outside its training range would do. With
+    the default limit it passes the self-test (Poisson(4) counts) and gives NaN on real
+    diffraction frames, whose central speckle holds thousands of photons: the fault tests use it.
+    """
+    g = _GraphBuilder(np.random.default_rng(0))
+    c = g.init("limit", np.array(limit, dtype=np.float32))
+    g.node("Sqrt", [g.node("Sub", [c, "input"], "headroom")], output="phase")
+    shape: list[int | str] = ["N", int(size), int(size)]
+    graph = helper.make_graph(g.nodes, "bounded", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("phase", TensorProto.FLOAT, shape)],
+                              initializer=g.inits)
+    return _save(graph, path, opset, {"ptychostream.name": "bounded", **(metadata or {})})
+
+
+def _save(graph: onnx.GraphProto, path: str | Path, opset: int, metadata: dict[str, Any] | None) -> str:
+    """Check ``graph`` as a model of ``opset`` with ``metadata`` and write it to ``path``."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="ptychostream.modelzoo")
     model.ir_version = ir_version_for(opset)

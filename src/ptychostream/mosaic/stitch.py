@@ -150,6 +150,10 @@ class Stitcher:
     min_weight: relative weight (to the maximum) below which a mosaic pixel is masked.
     """
 
+    #: the canvas planes: window-weighted phase sum and window weight (set by :meth:`reset`)
+    num_phase: np.ndarray
+    weight: np.ndarray
+
     def __init__(
         self,
         pixel_m: float,
@@ -459,7 +463,7 @@ class Stitcher:
             return 0
         h, w = self.patch_shape
 
-        finite = np.isfinite(pos).all(axis=1)
+        finite = np.isfinite(pos[:, 0]) & np.isfinite(pos[:, 1])
         # one cheap reduction finds patches holding NaN/inf (inf - inf is NaN too)
         ok_data = np.isfinite(phase.sum(axis=(1, 2)))
         if amplitude is not None:
@@ -521,6 +525,7 @@ class Stitcher:
         off = self._offsets(AW)
         flat_num = self.num_phase.reshape(-1)
         flat_w = self.weight.reshape(-1)
+        flat_amp = None if amplitude is None or self.num_amp is None else self.num_amp.reshape(-1)
         step = self.chunk if self.offset != "overlap" else min(self.chunk, self.overlap_chunk)
         for k0 in range(0, n_ok, step):
             k1 = min(k0 + step, n_ok)
@@ -538,10 +543,10 @@ class Stitcher:
             np.add.at(flat_num, idx, Q.reshape(-1))
             Wb = Wb.reshape(-1)
             np.add.at(flat_w, idx, Wb)
-            if amplitude is not None:
+            if amplitude is not None and flat_amp is not None:
                 A = self._buf("P", (m,) + self.patch_shape)
                 np.multiply(amplitude[rows], self._win, out=A, casting="unsafe")
-                np.add.at(self.num_amp.reshape(-1), idx,
+                np.add.at(flat_amp, idx,
                           self._bilinear_blocks(A, cay, cax).reshape(-1))
                 if self.weight_amp is not None:
                     np.add.at(self.weight_amp.reshape(-1), idx, Wb)

@@ -3,6 +3,13 @@
 It takes whatever is queued, up to ``batch_size``, validates the frames, runs the
 current model, and hands results on. A new model is swapped in between batches,
 so a hot swap loses no frame.
+
+Every frame of a batch is judged on its own, with whole-batch array operations: frames of a
+shape the model does not take, frames holding NaN/inf and frames whose *output* holds NaN/inf
+are rejected (the last also count as ``nonfinite``); the rest of the batch goes on.
+:class:`OutputHealth` raises an alarm when a model keeps giving non-finite outputs, and
+:class:`RecentFrames` remembers what is streaming, so that a hot swap can be checked against
+real frames before it is taken.
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections import deque
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -21,13 +29,127 @@ from ptychostream.model.preprocess import Preprocess, finite_mask
 from ptychostream.pipeline.publish import Publisher
 from ptychostream.pipeline.queue import FrameQueue, QueuedFrame
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "OutputHealth", "RecentFrames", "NONFINITE_WINDOW", "NONFINITE_MINOR",
+           "NONFINITE_MAJOR", "STREAM_MEMORY_S", "STREAM_FRAMES", "NONFINITE_REASON"]
 
 _log = logging.getLogger(__name__)
 
+#: a model's outputs are judged over its last NONFINITE_WINDOW inferred frames
+NONFINITE_WINDOW = 100
+#: a MINOR alarm when more than this fraction of them came out NaN/inf, MAJOR above NONFINITE_MAJOR
+NONFINITE_MINOR = 0.1
+NONFINITE_MAJOR = 0.5
+#: the reason a frame with a NaN/inf output is rejected with
+NONFINITE_REASON = "non-finite output"
+#: "now streaming": the frames of the last STREAM_MEMORY_S seconds, at most the last STREAM_FRAMES
+STREAM_MEMORY_S = 10.0
+STREAM_FRAMES = 256
+
+
+def nonfinite_rows(outputs: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Boolean (n,): True where any output of a frame holds NaN or inf."""
+    bad = np.zeros(n, dtype=bool)
+    for arr in outputs.values():
+        bad |= ~np.isfinite(arr.reshape(n, -1)).all(axis=1)
+    return bad
+
+
+class OutputHealth:
+    """Which of a model's last ``window`` frames gave a non-finite output, and the alarm that earns.
+
+    Severity 2 (MAJOR) when more than :data:`NONFINITE_MAJOR` of them did, 1 (MINOR) above
+    :data:`NONFINITE_MINOR`, else 0; judged on the frames seen so far until the window is full.
+    """
+
+    def __init__(self, window: int = NONFINITE_WINDOW) -> None:
+        self._bad = np.zeros(window, dtype=bool)
+        self._n = 0
+        self.severity = 0
+
+    def add(self, bad: np.ndarray) -> bool:
+        """Record one batch's flags (True = non-finite); True when the severity changed."""
+        bad = np.asarray(bad, dtype=bool).ravel()
+        keep = bad[-len(self._bad):]
+        start = self._n + len(bad) - len(keep)
+        self._bad[(start + np.arange(len(keep))) % len(self._bad)] = keep
+        self._n += len(bad)
+        k, seen = self.counts()
+        severity = 2 if k > NONFINITE_MAJOR * seen else 1 if k > NONFINITE_MINOR * seen else 0
+        changed, self.severity = severity != self.severity, severity
+        return changed
+
+    def counts(self) -> tuple[int, int]:
+        """(non-finite frames, frames) in the window."""
+        seen = min(self._n, len(self._bad))
+        return int(self._bad[:seen].sum()), seen
+
+    def reset(self) -> None:
+        self._n = 0
+        self.severity = 0
+
+
+class RecentFrames:
+    """What is streaming: per raw frame shape, how many recent frames had it, and the latest of them.
+
+    "Recent" is the last ``max_frames`` frames seen within ``memory_s`` seconds. Updated once
+    per shape group of a batch; :meth:`dominant` is what a hot swap is checked against.
+    """
+
+    def __init__(self, memory_s: float = STREAM_MEMORY_S, max_frames: int = STREAM_FRAMES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.memory_s = memory_s
+        self.max_frames = max_frames
+        self.clock = clock
+        self._marks: deque[tuple[float, tuple[int, ...], int]] = deque()
+        self._count: dict[tuple[int, ...], int] = {}
+        self._latest: dict[tuple[int, ...], np.ndarray] = {}
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def add(self, shape: tuple[int, ...], n: int, latest: np.ndarray) -> None:
+        """``n`` frames of ``shape`` arrived, ``latest`` the last (kept only if it holds no NaN/inf)."""
+        usable = latest.dtype.kind not in "fc" or bool(np.isfinite(latest).all())
+        with self._lock:
+            self._marks.append((self.clock(), shape, n))
+            self._count[shape] = self._count.get(shape, 0) + n
+            self._total += n
+            if usable:
+                self._latest[shape] = latest
+            self._prune()
+
+    def _prune(self) -> None:
+        old = self.clock() - self.memory_s
+        while self._marks and (self._marks[0][0] < old or self._total - self._marks[0][2] >= self.max_frames):
+            _, shape, n = self._marks.popleft()
+            self._total -= n
+            self._count[shape] -= n
+            if not self._count[shape]:
+                del self._count[shape]
+                self._latest.pop(shape, None)
+
+    def dominant(self) -> np.ndarray | None:
+        """The latest usable frame of the shape most recent frames had; None when nothing streams."""
+        with self._lock:
+            self._prune()
+            usable = [shape for shape in self._count if shape in self._latest]
+            if not usable:
+                return None
+            return self._latest[max(usable, key=self._count.__getitem__)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._marks.clear()
+            self._count.clear()
+            self._latest.clear()
+            self._total = 0
+
 
 class Batcher(threading.Thread):
-    """One inference thread. ``model`` may be None: frames then wait in the queue."""
+    """One inference thread. ``model`` may be None: frames then wait in the queue.
+
+    ``on_health(severity, text)`` is called from the thread when the serving model's
+    :class:`OutputHealth` changes (and with text "" when a swap clears it).
+    """
 
     def __init__(
         self,
@@ -53,6 +175,9 @@ class Batcher(threading.Thread):
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._shape_ok: dict[tuple[int, ...], bool] = {}
+        self.health = OutputHealth()
+        self.on_health: Callable[[int, str], None] = lambda severity, text: None
+        self.recent = RecentFrames()
 
     # -- control (any thread) ---------------------------------------------------
     def swap(self, model: Model | None, preprocess: Preprocess) -> threading.Event:
@@ -88,8 +213,13 @@ class Batcher(threading.Thread):
         old = self.model
         self.model, self.preprocess = pending
         self._shape_ok.clear()
+        alarmed = self.health.severity if old is not self.model else 0
+        if old is not self.model:  # the alarm was about the old model's outputs
+            self.health.reset()
         for event in taken:
             event.set()
+        if alarmed:
+            self._tell_health(0, "")
         if old is not None and old is not self.model:
             try:
                 old.close()
@@ -119,11 +249,15 @@ class Batcher(threading.Thread):
         if self.model is not None:
             self.model.close()
 
+    def streaming_frame(self) -> np.ndarray | None:
+        """A recent real frame of the shape now streaming (see :class:`RecentFrames`), or None."""
+        return self.recent.dominant()
+
     def _fits(self, model: Model, pre: Preprocess, shape: tuple[int, ...]) -> bool:
         ok = self._shape_ok.get(shape)
         if ok is None:
             try:
-                ok = tuple(pre.output_shape(shape)) == tuple(model.info.input_shape)
+                ok = len(shape) == 2 and tuple(pre.output_shape(shape)) == tuple(model.info.input_shape)
             except ValueError:
                 ok = False
             self._shape_ok[shape] = ok
@@ -136,47 +270,93 @@ class Batcher(threading.Thread):
     def process(self, batch: list[QueuedFrame]) -> None:
         """Infer a batch with the serving model; every frame counts once, processed or rejected.
 
-        Frames that do not fit the model or hold NaN/inf are rejected and the rest go on;
-        frames of different raw shapes that all fit (through a crop) are inferred per shape.
+        The batch is split by raw frame shape (one pass); a shape the model does not take
+        (through the pre-processing) is rejected as a whole group, every other group is
+        inferred on its own, so one odd frame costs only itself.
         """
         model, pre = self.model, self.preprocess
         if model is None or pre is None:
             raise RuntimeError("process() needs a model: swap one in first")
-        fits = [q.frame.array.ndim == 2 and self._fits(model, pre, q.frame.array.shape) for q in batch]
-        good = [q for q, ok in zip(batch, fits) if ok]
-        if len(good) < len(batch):
-            bad = [q for q, ok in zip(batch, fits) if not ok]
-            self._reject(len(bad), f"frame shape {bad[0].frame.array.shape} does not fit the model input "
-                                   f"{tuple(model.info.input_shape)} with this pre-processing")
         by_shape: dict[tuple[int, ...], list[QueuedFrame]] = {}
-        for q in good:
+        for q in batch:
             by_shape.setdefault(q.frame.array.shape, []).append(q)
-        for group in by_shape.values():
-            self._infer(model, pre, group)
+        misfits = [shape for shape in by_shape if not self._fits(model, pre, shape)]
+        if misfits:
+            what = (f"frame shape {misfits[0]} does not fit" if len(misfits) == 1 else
+                    f"frame shapes {', '.join(str(shape) for shape in misfits)} do not fit")
+            self._reject(sum(len(by_shape[shape]) for shape in misfits),
+                         f"{what} the model input {tuple(model.info.input_shape)} with this pre-processing")
+        for shape, group in by_shape.items():
+            if len(shape) == 2:
+                self.recent.add(shape, len(group), group[-1].frame.array)
+            if shape not in misfits:
+                self._infer(model, pre, group)
 
     def _infer(self, model: Model, pre: Preprocess, group: list[QueuedFrame]) -> None:
-        """Infer and publish frames of one shape (NaN/inf frames rejected first)."""
+        """Infer and publish frames of one shape; NaN/inf inputs are rejected first, NaN/inf
+        outputs after (not published, counted as ``nonfinite`` too)."""
         raw = np.stack([q.frame.array for q in group])
         if raw.dtype.kind == "f":
             finite = finite_mask(raw)
             if not finite.all():
                 self._reject(int((~finite).sum()), "frame contains NaN or inf")
-                group = [q for q, ok in zip(group, finite) if ok]
+                group = _select(group, finite)
                 raw = raw[finite]
                 if not group:
                     return
         try:
             outputs = model.infer(pre.apply(raw))
-            now = time.monotonic()
-            latency = np.array([now - q.received for q in group])
-            self.publisher.publish(BatchResult(
-                frames=[q.frame for q in group], outputs=outputs, latency_s=latency,
-                model_id=model.info.model_id, pixel_m=model.info.pixel_m,
-            ))
         except Exception as exc:  # a failing batch is counted, the loop goes on
             _log.exception("inference failed")
             self._reject(len(group), f"inference failed: {exc}")
             return
+        bad = nonfinite_rows(outputs, len(group))
+        n_bad = int(bad.sum())
+        if n_bad:
+            group = _select(group, ~bad)
+            outputs = {label: arr[~bad] for label, arr in outputs.items()}
+        changed = self.health.add(bad)
+        if n_bad:
+            self.counters.add("nonfinite", n_bad)
+            k, seen = self.health.counts()
+            self._reject(n_bad, f"{NONFINITE_REASON} (NaN or inf) from model {model.info.name}"
+                                + (f", {k} of its last {seen} frames" if self.health.severity else ""))
+        if changed:
+            self._tell_health(self.health.severity, self._health_text(model))
+        if group:
+            self._publish(model, group, outputs)
+
+    def _tell_health(self, severity: int, text: str) -> None:
+        try:
+            self.on_health(severity, text)
+        except Exception:  # a report must not stop the stream
+            _log.exception("reporting the model's output health failed")
+
+    def _health_text(self, model: Model) -> str:
+        k, seen = self.health.counts()
+        if self.health.severity:
+            return (f"model {model.info.name} gives NaN or inf on {k} of its last {seen} frames: "
+                    "those frames are rejected, not published; check the model and the pre-processing")
+        return f"model {model.info.name} outputs are finite again ({k} of its last {seen} frames NaN or inf)"
+
+    def _publish(self, model: Model, group: list[QueuedFrame], outputs: dict[str, np.ndarray]) -> None:
+        """Hand finite results on and count them processed (a failing listener rejects them)."""
+        now = time.monotonic()
+        latency = np.array([now - q.received for q in group])
+        try:
+            self.publisher.publish(BatchResult(
+                frames=[q.frame for q in group], outputs=outputs, latency_s=latency,
+                model_id=model.info.model_id, pixel_m=model.info.pixel_m,
+            ))
+        except Exception as exc:  # counted, the loop goes on
+            _log.exception("publishing failed")
+            self._reject(len(group), f"publishing failed: {exc}")
+            return
         self.latency.add_many(latency)
         self.rate.add(len(group), now)
         self.counters.add("processed", len(group))
+
+
+def _select(items: Sequence[QueuedFrame], keep: np.ndarray) -> list[QueuedFrame]:
+    """The items where ``keep`` is True (only called when some are not)."""
+    return [items[int(i)] for i in np.flatnonzero(keep)]

@@ -1,7 +1,8 @@
 """Receive: NTNDArray frames from a detector channel (p4p monitor) or from puts to ``Input``.
 
 Receiving never waits on inference: the monitor callback decodes the frame and hands it
-to the intake at once. uniqueId gaps upstream are counted as missed.
+to the intake at once. uniqueIds are accounted by :class:`GapCounter`: gaps upstream are
+missed, late frames out of order, repeats duplicates, a step back to 1 a source restart.
 """
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from p4p.client.thread import Context, Disconnected, Finished, RemoteError
 
 from ptychostream.core.frames import ImageFrame
+from ptychostream.core.stats import Counters
 from ptychostream.protocols import ntnd
+
+if TYPE_CHECKING:
+    from caproto.threading.client import Context as CAContext
+    from caproto.threading.client import Subscription
 
 __all__ = ["Receiver", "GapCounter", "PositionMonitor"]
 
@@ -34,25 +40,124 @@ def _close(sub, ctx) -> tuple[None, None]:
     return None, None
 
 
+#: how far back (in uniqueIds) a frame may come and still count as late rather than as a source
+#: restart: the monitor queue's depth (a reorder comes from a producer's parallel threads or from
+#: several put clients, a few frames deep; a step back of more than this is a new run)
+REORDER_WINDOW = 1024
+
+
 class GapCounter:
-    """Counts uniqueId gaps in one stream; a uniqueId that goes back means the source restarted."""
+    """uniqueId accounting of one stream into ``counters``: missed, outoforder, duplicates, restarts, noid.
 
-    def __init__(self) -> None:
-        self.last: int | None = None
-        self.restarts = 0
+    ``high`` is the highest uniqueId since the stream started (or restarted). A frame whose uid is
 
-    def update(self, uid: int) -> int:
-        """Return how many frames were missed before ``uid``."""
-        last, self.last = self.last, uid
-        if last is None or uid <= 0:
-            return 0
-        if uid <= last:
-            self.restarts += 1
-            return 0
-        return uid - last - 1
+    * ``<= 0``: not a frame count (0 is NTNDArray's "not set", areaDetector counts from 1, a negative
+      one is a producer's int32 wrap or bug): ``noid`` +1, nothing else moves;
+    * the first one (or the first after :meth:`reset`): the base; nothing before it is counted;
+    * above ``high``: the ``uid - high - 1`` between are missed; the newest ``window`` of those uids
+      are remembered as gaps that a late frame may still fill;
+    * a remembered gap: a late frame: ``outoforder`` +1 and ``missed`` -1 (its gap is filled);
+    * 1 while ``high`` > 1, or more than ``window`` below ``high``: the source restarted
+      (``restarts`` +1, ``last_restart``) and counting starts again from it;
+    * below the base by at most ``window`` and not seen yet: a frame from before the base that came
+      late: ``outoforder`` +1 (it left no gap to fill);
+    * anything else (seen already): ``duplicates`` +1.
+
+    ``missed`` is therefore "uniqueIds not received so far" and goes down when a late frame comes.
+    Counts are Python ints (they never wrap). Each update is O(1) amortised: a jump remembers at
+    most ``window`` gaps, and gaps older than ``window`` below ``high`` are forgotten (still missed).
+    """
+
+    def __init__(self, counters: Counters | None = None, window: int = REORDER_WINDOW) -> None:
+        self.counters = counters if counters is not None else Counters()
+        self.window = window
+        self.base: int | None = None
+        self.high: int | None = None
+        #: (the highest uniqueId before, the uniqueId that restarted) of the last restart
+        self.last_restart: tuple[int, int] | None = None
+        #: the last uniqueId that was not a frame count
+        self.last_noid: int | None = None
+        self._gaps: dict[int, None] = {}  # an ordered set, oldest first
+        self._early: set[int] = set()
+        self._lock = threading.Lock()
+
+    def update(self, uid: int, received: bool = True) -> None:
+        """Count frame ``uid``; ``received=False``: a frame that was published but is not taken in
+        (the current value on reconnecting, see :meth:`join`), so a new one counts as missed too."""
+        with self._lock:
+            changes = self._classify(int(uid), received)
+        if changes:
+            self.counters.add_many(changes)
+
+    def _classify(self, uid: int, received: bool) -> dict[str, int] | None:
+        if uid <= 0:
+            self.last_noid = uid
+            return {"noid": 1} if received else None
+        high = self.high
+        if high is None:
+            self._start(uid)
+            return None
+        if uid > high:
+            gap = uid - high - 1
+            if gap:
+                self._gaps.update(dict.fromkeys(range(max(high + 1, uid - self.window), uid)))
+            self.high = uid
+            self._prune()
+            missed = gap + (0 if received else 1)
+            return {"missed": missed} if missed else None
+        if uid in self._gaps:
+            del self._gaps[uid]
+            return {"outoforder": 1, "missed": -1} if received else None
+        if uid < high - self.window or (uid == 1 and high > 1):
+            self.last_restart = (high, uid)
+            self._start(uid)
+            return {"restarts": 1} if received else {"restarts": 1, "missed": 1}
+        if self.base is not None and uid < self.base and uid not in self._early:
+            if not received:
+                return None
+            self._early.add(uid)  # at most window of them: high - window <= uid < base <= high
+            return {"outoforder": 1}
+        return {"duplicates": 1} if received else None
+
+    def _start(self, uid: int) -> None:
+        self.base = self.high = uid
+        self._gaps.clear()
+        self._early.clear()
+
+    def _prune(self) -> None:
+        assert self.high is not None
+        oldest = self.high - self.window
+        gaps = self._gaps
+        while gaps:
+            first = next(iter(gaps))
+            if first >= oldest:
+                break
+            del gaps[first]
+
+    def join(self, uid: int, rejoin: bool = False) -> None:
+        """The first update after a monitor connects: the channel's current value, not a new frame.
+
+        On joining (``rejoin`` False: a new channel, or Enable after Disable) its uniqueId becomes
+        the base and nothing before it is counted: the frames before were published before this
+        stream was watched, and a uniqueId does not say where an acquisition began (ArrayCounter is
+        not always reset between acquisitions, so ``uid - 1`` may be a million frames of earlier
+        runs). The value itself is neither received nor missed. On *re*joining after a disconnect
+        (``rejoin`` True) the frames published meanwhile were missed: up to and including this one
+        (it is not taken in), as :meth:`update` with ``received=False`` counts them.
+        """
+        if rejoin and self.high is not None:
+            self.update(uid, received=False)
+            return
+        with self._lock:
+            self.base = self.high = None
+            self._gaps.clear()
+            self._early.clear()
+            if uid > 0:
+                self._start(int(uid))
 
     def reset(self) -> None:
-        self.last = None
+        """Forget the stream's position (its counts live in ``counters``)."""
+        self.join(0)
 
 
 class Receiver:
@@ -67,8 +172,11 @@ class Receiver:
         self._on_frame = on_frame
         self._on_bad = on_bad
         self._on_connect = on_connect
-        self.on_stale: Callable[[int], None] = lambda uid: None
+        #: ``on_stale(uid, rejoin)``: the first update after connecting (see :meth:`GapCounter.join`);
+        #: ``rejoin`` is True after a disconnect, once this channel had given a value
+        self.on_stale: Callable[[int, bool], None] = lambda uid, rejoin: None
         self._fresh = True
+        self._joined = False
         self._ctx: Context | None = None
         self._sub = None
         self._lock = threading.Lock()
@@ -87,6 +195,7 @@ class Receiver:
                 self._sub = None
             self.channel = channel
             self._fresh = True
+            self._joined = False
             self._on_connect(False, f"monitoring {channel}" if channel else "no input channel")
             if channel:
                 self._sub = self._context().monitor(
@@ -115,7 +224,8 @@ class Receiver:
             # the first update after (re)connecting is the PV's current value: the last frame of an
             # earlier acquisition (or an IOC's empty start-up image), not a new frame
             self._fresh = False
-            self.on_stale(int(value["uniqueId"]))
+            rejoin, self._joined = self._joined, True
+            self.on_stale(int(value["uniqueId"]), rejoin)
             return
         try:
             frame = ntnd.decode(value, received=time.time())
@@ -140,7 +250,8 @@ class PositionMonitor:
         self._on_status = on_status
         self._ctx: Context | None = None
         self._sub = None
-        self._ca = None
+        self._ca: CAContext | None = None
+        self._ca_sub: Subscription | None = None
         self.channel = ""
 
     def monitor(self, channel: str) -> None:

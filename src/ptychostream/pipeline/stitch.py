@@ -121,7 +121,10 @@ class MosaicStage(threading.Thread):
     # -- stitch thread -------------------------------------------------------------
     def run(self) -> None:
         while not self._stop_event.is_set():
-            timeout = max(0.0, min(0.05, self._next_publish - time.monotonic()))
+            # wake for the next publish only when there is something to publish: with a clean
+            # mosaic and the publish time past, a zero timeout would spin the thread (and the GIL)
+            wait = self._next_publish - time.monotonic() if self._dirty else 0.05
+            timeout = max(0.0, min(0.05, wait))
             try:
                 msg = self.inbox.get(timeout=timeout)
             except queue.Empty:
@@ -153,8 +156,8 @@ class MosaicStage(threading.Thread):
         elif kind == "reset":
             self._reset()
         elif kind == "snapshot":
-            empty = self.stitcher is None or self.stitcher.n_patches == 0
-            msg[1].set_result(None if empty else self.stitcher.mosaic())
+            stitcher = self.stitcher
+            msg[1].set_result(stitcher.mosaic() if stitcher is not None and stitcher.n_patches else None)
 
     def _configure(self, changes: dict[str, Any]) -> None:
         old = self.settings
@@ -222,23 +225,30 @@ class MosaicStage(threading.Thread):
             now = time.monotonic()
             t = np.array([p.t for _, p, _ in self._motor_wait])
             pos = self.motors.lookup_many(t)
-            ready, still = [], []
+            ready, still, late = [], [], []
             for (uid, patch, deadline), p in zip(self._motor_wait, pos):
                 if not np.isnan(p).any():
                     ready.append((uid, patch, p))
                 elif now > deadline:
-                    self.unpositioned += 1
-                    self.message(f"frame {uid}: no motor sample within the tolerance", 1)
+                    late.append(uid)
                 else:
                     still.append((uid, patch, deadline))
             self._motor_wait = still
+            if late:  # one report a pass, not one a frame
+                self.unpositioned += len(late)
+                self.message(f"{len(late)} frame(s) unpositioned: no motor sample within the tolerance "
+                             f"(last: frame {late[-1]})", 1)
             if ready:
                 self._stitch(self.joiner.submit([u for u, _, _ in ready], [p for _, p, _ in ready],
                                                 np.array([q for _, _, q in ready])))
+        timed_out = self.joiner.counts["timed_out"]
         self.joiner.expire()  # released frames are counted by the joiner
+        waited = self.joiner.counts["timed_out"] - timed_out
         errs = (self.joiner.last_error, self.stitcher.last_error if self.stitcher else "")
-        for new, old in zip(errs, self._errors_seen):
-            if new and new != old:
+        if waited:  # one report a pass; the message log keeps it as one reason, counted
+            self.message(f"{waited} frame(s) unpositioned: {errs[0]}", 1)
+        for i, (new, old) in enumerate(zip(errs, self._errors_seen)):
+            if new and new != old and not (i == 0 and waited):
                 self.message(new, 1)
         self._errors_seen = errs
 
@@ -259,8 +269,8 @@ class MosaicStage(threading.Thread):
             self.stitcher = Stitcher(pixel, shape, extent_m=st.extent_m, offset=st.offset,
                                      max_canvas_px=8192)
         phase = np.stack([p.phase for _, p, _ in ready])
-        amps = [p.amplitude for _, p, _ in ready]
-        amp = np.stack(amps) if all(a is not None for a in amps) else None
+        amps = [p.amplitude for _, p, _ in ready if p.amplitude is not None]
+        amp = np.stack(amps) if len(amps) == len(ready) else None
         pos = np.array([q for _, _, q in ready], dtype=np.float64)
         accepted = self.stitcher.add(phase, pos, amp)
         self.stitch_rejects += len(ready) - accepted

@@ -54,7 +54,8 @@ def encode(frame: ImageFrame) -> Value:
     attrs = {"ColorMode": ("i", 0)}
     attrs.update({k: _attr_value(v) for k, v in frame.attributes.items()})
     value = _NT.wrap(np.ascontiguousarray(frame.array), attrib=attrs, timestamp=frame.timestamp)
-    value["uniqueId"] = int(frame.unique_id) & 0x7FFFFFFF
+    # NTNDArray uniqueId is a signed int32: keep the sign (a -5 stays -5), wrap like a C int32
+    value["uniqueId"] = (int(frame.unique_id) + 2**31) % 2**32 - 2**31
     value["dataTimeStamp"] = _stamp(frame.data_timestamp if frame.data_timestamp is not None else frame.timestamp)
     return value
 
@@ -106,8 +107,8 @@ def decode(value: Value, received: float | None = None) -> ImageFrame:
         flat = _decompress(value, codec)
     else:
         flat = value["value"]
-        if flat is None:
-            raise FrameError("frame has no data (empty value union)")
+        if flat is None or np.size(flat) == 0:  # a put's empty union arrives as no elements of the PV's type
+            raise FrameError("frame has no data (empty value union, or no elements)")
         flat = np.asarray(flat)
     dims = [int(d["size"]) for d in value["dimension"]]
     if len(dims) != 2:

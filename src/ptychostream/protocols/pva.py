@@ -36,7 +36,8 @@ def _nt_for(spec: PVSpec):
 
 def _table_columns(spec: PVSpec) -> list[tuple[str, str]]:
     """``info(ptychostream:nttable, "uniqueId:i x:d y:d")`` -> p4p column spec."""
-    return [tuple(col.split(":")) for col in spec.info["ptychostream:nttable"].split()]
+    cols = (col.partition(":") for col in spec.info["ptychostream:nttable"].split())
+    return [(name, code) for name, _, code in cols]
 
 
 def _initial(spec: PVSpec, reading: Reading) -> dict[str, Any]:
@@ -76,7 +77,7 @@ class _Handler:
             raw: Value = op.value().raw if hasattr(op.value(), "raw") else op.value()
             result = None
             if self.spec.kind == "image":
-                device.put_image(self.spec.suffix, ntnd.decode(raw))
+                device.put_image(self.spec.suffix, _decoded(device, self.spec.suffix, raw))
             elif self.spec.kind == "enum":
                 result = device.put(self.spec.suffix, raw["value.index"])
             else:
@@ -93,6 +94,18 @@ class _Handler:
             op.done(error=f"internal error: {exc}")
             return
         op.done()
+
+
+def _decoded(device: DeviceState, suffix: str, raw: Value) -> ImageFrame:
+    """The frame a client put to an image PV; one that does not decode is accounted for by the device
+    (:meth:`DeviceState.put_bad_image`, which raises PutError with the reason for the client)."""
+    try:
+        return ntnd.decode(raw)
+    except ntnd.FrameError as exc:
+        reason = str(exc)
+    except Exception as exc:  # a structure the codec did not foresee
+        reason = f"undecodable NTNDArray ({type(exc).__name__}: {exc})"
+    device.put_bad_image(suffix, reason)
 
 
 class PVAFrontEnd:
@@ -136,10 +149,10 @@ class PVAFrontEnd:
         pv = self.pvs.get(spec.suffix)
         if pv is None:
             return
-        if spec.kind == "table":
-            pv.post(_table_value(pv.nt, spec, frame))
-        else:
+        if isinstance(frame, ImageFrame):
             pv.post(ntnd.encode(frame))
+        else:  # a table's columns
+            pv.post(_table_value(pv.nt, spec, frame))
 
     def server(self, conf: dict[str, str] | None = None) -> Server:
         """Start a p4p server for these PVs (EPICS_PVAS_* from the environment, ``conf`` on top)."""
