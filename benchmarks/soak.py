@@ -29,7 +29,8 @@ flat when their max/min - 1 is at most ``FLAT_SPREAD`` and their least-squares s
 projected over an hour, is at most ``FLAT_SLOPE_PER_H`` of their median. Exit status 0 when the
 frames are all accounted for and none is lost or left out of the mosaic (and, with
 --require-flat, the RSS is flat); 1 otherwise. ``--rejudge FILE.json`` re-applies the rule to an
-earlier result and plots it again.
+earlier result and plots it again. ``--sockets`` lists the sockets a simdet and a reconstructor
+bind on loopback and probes them through 127.0.0.1 and through the host's own addresses.
 
 ``--trace-malloc N`` starts tracemalloc (N frames deep) in the reconstructor through a
 sitecustomize switch (env ``PTYCHOSTREAM_SOAK_TRACE``) and writes a snapshot every
@@ -489,6 +490,106 @@ def plot_rss(png: str, result: dict[str, Any], title: str) -> None:
     print(f"RSS plot: {png}", flush=True)
 
 
+# -- sockets ----------------------------------------------------------------------------------------
+def _listening(pid: int) -> list[str]:
+    """``ss -tulpnH`` rows of ``pid``: protocol and local address."""
+    import subprocess
+
+    rows = subprocess.run(["ss", "-tulpnH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return sorted(f"{r.split()[0]} {r.split()[4]}" for r in rows if f"pid={pid}," in r)
+
+
+def _host_addresses() -> list[str]:
+    """The host's global-scope IPv4 addresses (``ip -4 -o addr show scope global``)."""
+    import subprocess
+
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    return [line.split()[3].split("/")[0] for line in out.stdout.splitlines() if len(line.split()) > 3]
+
+
+def _pva_answers(name: str, addr: str, port: int) -> str:
+    from p4p.client.thread import Context
+
+    ctx = Context("pva", conf={"EPICS_PVA_ADDR_LIST": f"{addr}:{port}", "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+                               "EPICS_PVA_BROADCAST_PORT": str(port)}, useenv=False)
+    try:
+        ctx.get(name, timeout=3.0)
+        return "answered"
+    except Exception as exc:  # a timeout is the expected answer off loopback
+        return f"no answer ({type(exc).__name__})"
+    finally:
+        ctx.close()
+
+
+def _ca_answers(name: str, addr: str, port: int) -> str:
+    import socket
+
+    from caproto import CLIENT, Broadcaster, SearchRequest, VersionRequest
+
+    payload = Broadcaster(CLIENT).send(VersionRequest(0, 13), SearchRequest(name, 1, 13))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(2.0)
+        u.bind((addr, 0))
+        u.sendto(payload, (addr, port))
+        try:
+            return f"answered from {u.recvfrom(4096)[1][0]}"
+        except OSError as exc:
+            return f"no answer ({type(exc).__name__})"
+
+
+def _connects(addr: str, port: int) -> str:
+    import socket
+
+    try:
+        socket.create_connection((addr, port), timeout=2.0).close()
+        return "connected"
+    except OSError as exc:
+        return f"refused ({exc.strerror})"
+
+
+def sockets() -> dict[str, Any]:
+    """What a simdet and a reconstructor (CA on, input connected) bind on a loopback EpicsNet, and
+    whether they answer through 127.0.0.1 and through each of the host's own global addresses
+    (packets to a local address never leave the host)."""
+    from p4p.client.thread import Context
+
+    from ptychostream.testing import IOCProcess
+
+    net = EpicsNet(2)
+    sim = IOCProcess(["simdet", "--prefix", "SOCK:SIM:"], "SOCK:SIM:", net.slots[0], net)
+    rec = IOCProcess(["ioc", "--prefix", "SOCK:NN:"], "SOCK:NN:", net.slots[1], net)
+    out: dict[str, Any] = {"slots": {"simdet": vars(net.slots[0]), "reconstructor": vars(net.slots[1])},
+                           "server_env": net.server_env(net.slots[1])}
+    ctx = None
+    try:
+        sim.start()
+        rec.start()
+        ctx = Context("pva", conf=net.pva_conf(), useenv=False)
+        for k, v in {"InputPV": "SOCK:SIM:Pva1:Image", "Enable": 1}.items():
+            ctx.put(f"SOCK:NN:{k}", v, wait=True)
+        deadline = time.monotonic() + 30
+        while int(ctx.get("SOCK:NN:InputConnected_RBV")) != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out["input_connected"] = int(ctx.get("SOCK:NN:InputConnected_RBV")) == 1
+        assert sim.proc is not None and rec.proc is not None
+        out["bound"] = {"simdet": _listening(sim.proc.pid), "reconstructor": _listening(rec.proc.pid)}
+        slot, pv = net.slots[1], "SOCK:NN:Received_RBV"
+        out["probes"] = {addr: {"pva_search": _pva_answers(pv, addr, slot.pva_udp),
+                                "pva_tcp": _connects(addr, slot.pva_tcp), "ca_search": _ca_answers(pv, addr, slot.ca),
+                                "ca_tcp": _connects(addr, slot.ca)}
+                         for addr in ["127.0.0.1", *_host_addresses()]}
+    finally:
+        if ctx is not None:
+            ctx.close()
+        rec.stop()
+        sim.stop()
+    for who, rows in out["bound"].items():
+        print(f"[sockets] {who}: {', '.join(rows)}", flush=True)
+    for addr, probes in out["probes"].items():
+        print(f"[sockets] via {addr}: " + ", ".join(f"{k} {v}" for k, v in probes.items()), flush=True)
+    return out
+
+
 def _title(result: dict[str, Any]) -> str:
     return (f"{result['machine']}\nmodel {result['model']}, {result['stream']['sent']:,} frames at "
             f"{result['rate']:g} frames/s requested, BacklogLimit {result['backlog_limit']}")
@@ -555,11 +656,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--require-flat", action="store_true", help="exit 1 when the RSS is not flat")
     ap.add_argument("--out", help="write the result (JSON) here")
     ap.add_argument("--plot", metavar="FILE.png", help="plot RSS against time")
+    ap.add_argument("--sockets", action="store_true", help="run nothing else: list the sockets a simdet and a "
+                                                           "reconstructor bind on loopback, and probe them")
     ap.add_argument("--rejudge", metavar="FILE.json", help="run nothing: judge the RSS of an earlier --out by "
                                                            "today's rule, rewrite it and --plot it")
     args = ap.parse_args(argv)
     if args.rejudge:
         return rejudge(args.rejudge, args.plot)
+    if args.sockets:
+        found = sockets()
+        if args.out:
+            Path(args.out).write_text(json.dumps(found, indent=1))
+        return 0 if found["input_connected"] else 1
     if args.size < 16 or args.size % 16:
         ap.error("--size must be a multiple of 16 (the tiny model halves it twice, the shipped one takes 128)")
     if args.minutes:

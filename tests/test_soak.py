@@ -86,3 +86,25 @@ def test_probe_steps_up_and_accounts_for_each_step(tmp_path):
     assert probe["highest_sustained"] in (0, 100, 200)
     assert probe["highest_sustained"] == max([s["requested"] for s in steps if s["sustained"]], default=0)
     assert "highest rate sustained with zero loss" in proc.stdout
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+def test_sockets_tcp_and_ca_on_loopback_and_nothing_answers_elsewhere(tmp_path):
+    out = tmp_path / "sockets.json"
+    proc = subprocess.run([sys.executable, str(SOAK), "--sockets", "--out", str(out)], capture_output=True,
+                          text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for who in ("simdet", "reconstructor"):
+        slot, bound = r["slots"][who], r["bound"][who]
+        assert f"tcp 127.0.0.1:{slot['pva_tcp']}" in bound and f"tcp 127.0.0.1:{slot['ca']}" in bound
+        assert f"udp 127.0.0.1:{slot['ca']}" in bound  # caproto binds its search port where it is told
+        assert f"udp 0.0.0.0:{slot['pva_udp']}" in bound  # pvxs always binds the wildcard (docs/reliability.md)
+        assert not [row for row in bound if row.startswith("tcp") and "127.0.0.1:" not in row]
+    assert r["probes"]["127.0.0.1"] == {"pva_search": "answered", "pva_tcp": "connected",
+                                        "ca_search": "answered from 127.0.0.1", "ca_tcp": "connected"}
+    for addr, probes in r["probes"].items():
+        if addr != "127.0.0.1":  # the host's own other addresses: nothing answers there
+            assert probes["pva_search"].startswith("no answer") and probes["ca_search"].startswith("no answer")
+            assert probes["pva_tcp"].startswith("refused") and probes["ca_tcp"].startswith("refused")

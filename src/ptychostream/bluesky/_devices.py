@@ -379,6 +379,34 @@ def wait_drained(recon: PtychoReconstructor, num: int, timeout: float = 60.0) ->
     return counts
 
 
+def _mosaic_settled(recon: PtychoReconstructor, timeout: float = 10.0) -> Plan:
+    """Wait until the published Mosaic holds every stitched patch.
+
+    The stitch stage publishes at most every 1/MosaicRate s, so the last patches reach the Mosaic
+    PV up to one period after Stitched_RBV counts them: wait until the mosaic's shape and coverage
+    stay the same over a whole publish period (the event's reading and its descriptor then agree).
+    """
+    if not (recon.has("MosaicRate_RBV") and recon.has("MosaicCoverage_RBV")):
+        return
+    rate = float((yield from bps.rd(recon.signal("MosaicRate_RBV"))))
+    period = 1.0 / rate + 0.05 if rate > 0 else 0.1
+    deadline = time.monotonic() + timeout
+
+    def state() -> Plan:
+        image = yield from bps.rd(recon.signal("Mosaic"))
+        coverage = yield from bps.rd(recon.signal("MosaicCoverage_RBV"))
+        return np.shape(image), float(coverage)
+
+    last = yield from state()
+    while time.monotonic() < deadline:
+        yield from bps.sleep(period)
+        now = yield from state()
+        if now == last:
+            return
+        last = now
+    raise ScanTimeout(f"{recon.name}: the mosaic kept changing for {timeout:g} s after every frame was stitched")
+
+
 def live_ptycho_scan(recon: PtychoReconstructor, det: SimDetector, model: str | None = None, num: int = 100,
                      step: float = 1e-7, period: float | None = None, pixel_size: float | None = None,
                      connect: bool = True, timeout: float | None = None, connect_timeout: float = 10.0,
@@ -442,6 +470,7 @@ def live_ptycho_scan(recon: PtychoReconstructor, det: SimDetector, model: str | 
         yield from bps.trigger(det, wait=True)
         drain = timeout if timeout is not None else 30.0 + num * 0.02
         yield from wait_drained(recon, num, drain)
+        yield from _mosaic_settled(recon)
         yield from bps.create("primary")
         yield from bps.read(det)
         yield from bps.read(recon)
