@@ -149,6 +149,7 @@ SITECUSTOMIZE = textwrap.dedent('''
 
 # -- process probes ------------------------------------------------------------------------------
 def _status_fields(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -284,9 +285,11 @@ class Sampler:
 
     @property
     def peak_stitch_lag(self) -> int:
+        """The largest stitch lag sampled so far."""
         return max((s["stitch_lag"] for s in self.samples), default=0)
 
     def sample(self, now: float, c: dict[str, int]) -> dict[str, Any]:
+        """Take one sample (processes, load, counters ``c``, the mosaic's counts) and keep it."""
         assert self.p.rec_ioc is not None and self.p.rec_ioc.proc is not None
         assert self.p.sim_ioc is not None and self.p.sim_ioc.proc is not None
         rec, sim = proc_info(self.p.rec_ioc.proc.pid), proc_info(self.p.sim_ioc.proc.pid)
@@ -508,6 +511,7 @@ def _host_addresses() -> list[str]:
 
 
 def _pva_answers(name: str, addr: str, port: int) -> str:
+    """Does a PVA search for ``name`` sent to ``addr:port`` get an answer?"""
     from p4p.client.thread import Context
 
     ctx = Context("pva", conf={"EPICS_PVA_ADDR_LIST": f"{addr}:{port}", "EPICS_PVA_AUTO_ADDR_LIST": "NO",
@@ -522,6 +526,7 @@ def _pva_answers(name: str, addr: str, port: int) -> str:
 
 
 def _ca_answers(name: str, addr: str, port: int) -> str:
+    """Does a CA search datagram for ``name`` sent to ``addr:port`` (from ``addr``) get an answer?"""
     import socket
 
     from caproto import CLIENT, Broadcaster, SearchRequest, VersionRequest
@@ -538,6 +543,7 @@ def _ca_answers(name: str, addr: str, port: int) -> str:
 
 
 def _connects(addr: str, port: int) -> str:
+    """Does a TCP connection to ``addr:port`` open?"""
     import socket
 
     try:
@@ -591,6 +597,7 @@ def sockets() -> dict[str, Any]:
 
 
 def _title(result: dict[str, Any]) -> str:
+    """The plot's title: machine, model, frames, rate and queue."""
     return (f"{result['machine']}\nmodel {result['model']}, {result['stream']['sent']:,} frames at "
             f"{result['rate']:g} frames/s requested, BacklogLimit {result['backlog_limit']}")
 
@@ -608,6 +615,7 @@ def rejudge(path: str, png: str | None) -> int:
 
 
 def _rates(text: str) -> list[float]:
+    """--probe: comma-separated positive rates."""
     values = [float(v) for v in text.split(",") if v]
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError("rates must be positive numbers, e.g. 200,400,800")
@@ -615,6 +623,7 @@ def _rates(text: str) -> list[float]:
 
 
 def _summary(result: dict[str, Any]) -> str:
+    """One line: every identity, the rates and the RSS verdict."""
     a, c, r, st = result["accounting"], result["counters"], result["rss"], result["stream"]
     rss = (f"RSS {r.get('first_mib')} -> {r.get('last_mib')} MiB; after warm-up {r.get('min_mib')}-"
            f"{r.get('max_mib')} MiB (spread {100 * r['spread']:.1f} %, slope {r['slope_mib_per_min']:+.3f} MiB/min): "
@@ -631,6 +640,7 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=1_000_000, help="frames to stream (default 1,000,000)")
     ap.add_argument("--minutes", type=float, help="stream for this long instead (frames = minutes x 60 x rate)")

@@ -266,3 +266,21 @@ def test_trajectory_files(tmp_path):
     bad.write_text("1,2\n3,4\n")
     with pytest.raises(ValueError, match="header"):
         trajectory_from_file(bad)
+
+
+def test_released_uids_are_remembered_within_the_reorder_window_only():
+    """A long scan does not grow the joiner: only the last ``reorder_window`` released uids are kept
+    (a repeat further back is a restart anyway), and a restart to uid 1 is still seen at the end."""
+    n, window = 30_000, 500
+    j = PositionJoiner(reorder_window=window)
+    uids = np.arange(1, n + 1)
+    zeros = np.zeros(n)
+    released = j.submit(uids, [None] * n, positions=np.stack([zeros, zeros], axis=1), now=0.0)
+    assert len(released) == n and j.counts["matched"] == n
+    assert len(j._done) <= window + 1  # noqa: SLF001 - the bound under test
+    # a repeat inside the window is a duplicate
+    j.submit([n - 10], [None], positions=[[0.0, 0.0]], now=0.0)
+    assert j.counts["duplicate_frames"] == 1 and j.counts["frame_restarts"] == 0
+    # the detector restarts at uid 1 after 30,000 frames: a restart, not a duplicate nor a new frame
+    j.submit([1], [None], positions=[[0.0, 0.0]], now=0.0)
+    assert j.counts["frame_restarts"] == 1 and j.counts["duplicate_frames"] == 1

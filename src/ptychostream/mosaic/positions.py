@@ -109,7 +109,10 @@ class PositionJoiner:
         self.last_error = ""
         self._table: OrderedDict[int, Pos] = OrderedDict()
         self._pending: OrderedDict[int, tuple[Any, float]] = OrderedDict()
+        # released uids: those within reorder_window of the highest (older ones can only be a restart),
+        # and the scan-start uids (<= restart_uid) apart, so that a restart is seen however long the scan
         self._done: OrderedDict[int, None] = OrderedDict()
+        self._started: set[int] = set()
         self._max_done = -math.inf
         self._released: deque[tuple[int, Any]] = deque()
 
@@ -120,6 +123,7 @@ class PositionJoiner:
         """
         self._table.clear()
         self._done.clear()
+        self._started.clear()
         self._max_done = -math.inf
 
     @property
@@ -149,10 +153,15 @@ class PositionJoiner:
         return True
 
     def _mark_done(self, uid: int) -> None:
-        self._done[uid] = None
+        if uid <= self.restart_uid:
+            self._started.add(uid)
+        else:
+            self._done[uid] = None
         if uid > self._max_done:
             self._max_done = uid
-        while len(self._done) > self.max_positions:
+        # bounded memory: a uid further back than reorder_window is a restart, never a duplicate
+        oldest_kept = self._max_done - self.reorder_window
+        while self._done and (len(self._done) > self.max_positions or next(iter(self._done)) < oldest_kept):
             self._done.popitem(last=False)
 
     def _release(self, uid: int, item: Any) -> None:
@@ -192,11 +201,12 @@ class PositionJoiner:
         for k, uid in enumerate(ul):
             item = items[k]
             self.counts["frames"] += 1
-            if uid in self._pending or uid in self._done:
+            if uid in self._pending or uid in self._done or uid in self._started:
                 if uid <= self.restart_uid or uid < self._max_done - self.reorder_window:
                     self.counts["frame_restarts"] += 1
                     self._error(f"frame uid went back to {uid}: detector restarted")
                     self._done.clear()
+                    self._started.clear()
                     self._max_done = -math.inf
                     if uid in self._pending:  # an old frame of the same uid still waits
                         old, _ = self._pending.pop(uid)
