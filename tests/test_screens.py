@@ -270,7 +270,7 @@ def live(tmp_path_factory):
 
 
 def _grab(tmp_path, macros: dict[str, str], seconds: float, png: Path | None = None,
-          until_connected: bool = False) -> dict:
+          until_connected: bool = False, min_seconds: float = 0.0) -> dict:
     report = tmp_path / f"grab-{len(list(tmp_path.glob('grab-*')))}.json"
     cmd = [sys.executable, "-m", "ptychostream.screens", "grab", str(OPI / "reconstructor.ui"),
            "--seconds", str(seconds), "--json", str(report)]
@@ -279,7 +279,7 @@ def _grab(tmp_path, macros: dict[str, str], seconds: float, png: Path | None = N
     if png is not None:
         cmd += ["--png", str(png)]
     if until_connected:
-        cmd.append("--until-connected")
+        cmd += ["--until-connected", "--min-seconds", str(min_seconds)]
     env = dict(os.environ)  # the loopback EPICS client settings conftest put there
     env["QT_QPA_PLATFORM"] = "offscreen"
     env.setdefault("XDG_RUNTIME_DIR", str(tmp_path))
@@ -311,7 +311,10 @@ def test_pydm_screen_live(live, tmp_path):
     png = tmp_path / "pydm-reconstructor.png"
     try:
         wait_for(lambda: int(ctx.get(R + "Processed_RBV")) > 0, timeout=10, message="frames flowing")
-        report = _grab(tmp_path, {"P": P_LIVE, "R": R_LIVE}, seconds=6.0, png=png)
+        # sample for 6 s, and on until every widget has connected (CA searches of ~150 PVs to every port
+        # slot of the test network may need a retry), at most 40 s
+        report = _grab(tmp_path, {"P": P_LIVE, "R": R_LIVE}, seconds=40.0, png=png, until_connected=True,
+                       min_seconds=6.0)
     finally:
         ctx.put(S + "cam1:Acquire", 0, wait=True, timeout=15)
         acquiring.join(15)

@@ -590,8 +590,10 @@ def _widget_state(w: Any) -> dict[str, Any]:
 
 def grab(ui: str | Path, macros: dict[str, str], png: str | Path | None = None, seconds: float = 5.0,
          interval: float = 0.25, size: tuple[int, int] = (1700, 1000),
-         until: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+         until: Callable[[dict[str, Any]], bool] | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
     """Open ``ui`` with PyDM offscreen, sample every PyDM widget for ``seconds``, save ``png``.
+
+    With ``until``, stop early once ``until(states)`` holds and ``min_seconds`` have passed.
 
     Returns ``{"widgets": {name: last state}, "samples": {name: [texts over time]}, ...}``; a
     widget's state has ``connected``, its ``channels`` and ``text`` or ``image_shape``. EPICS
@@ -620,7 +622,7 @@ def grab(ui: str | Path, macros: dict[str, str], png: str | Path | None = None, 
         for name, st in states.items():
             samples[name].append(st.get("text", st.get("image_shape")))
         elapsed = time.monotonic() - t0
-        if elapsed >= seconds or (until is not None and until(states)):
+        if elapsed >= seconds or (until is not None and elapsed >= min_seconds and until(states)):
             break
     if png is not None:
         for _ in range(10):  # let the image views draw their last frames
@@ -647,6 +649,8 @@ def _grab_main(argv: Sequence[str]) -> int:
     p.add_argument("--interval", type=float, default=0.25)
     p.add_argument("--until-connected", action="store_true",
                    help="stop early once every widget is connected and every image has data")
+    p.add_argument("--min-seconds", type=float, default=0.0,
+                   help="with --until-connected: sample for at least this long")
     p.add_argument("--json", help="write the report here (default: stdout)")
     args = p.parse_args(argv)
     macros = dict(m.split("=", 1) for m in args.macro)
@@ -656,7 +660,7 @@ def _grab_main(argv: Sequence[str]) -> int:
             s.get("image_shape") for s in states.values() if "image_shape" in s)
 
     report = grab(args.ui, macros, args.png, args.seconds, args.interval,
-                  until=ready if args.until_connected else None)
+                  until=ready if args.until_connected else None, min_seconds=args.min_seconds)
     text = json.dumps(report, indent=1, default=str)
     if args.json:
         Path(args.json).write_text(text)
