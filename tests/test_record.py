@@ -48,25 +48,16 @@ def send(raw, n, first=1):
     return frames
 
 
-def recorded_pairs(folder, tmp_path, seed: int):
-    """Training pairs from the capture test's record and a Ptychodus-like product (a random
-    256x256 phase object, 10 nm pixel); returns (pairs path, number of pairs, object)."""
-    path = folder / "record.h5"  # written by the capture test
-    if not path.exists():
-        pytest.skip("needs the capture test's record")
-    obj = np.exp(1j * np.random.default_rng(seed).uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
-    product = tmp_path / "product.h5"
-    with h5py.File(product, "w") as fh:
-        fh["object"] = obj
-        fh["object"].attrs["pixel_width_m"] = 1e-8
-    out = tmp_path / "pairs.npz"
-    return out, training_pairs(str(path), str(product), str(out)), obj
-
-
-def test_capture_writes_results_positions_frames_and_mosaic(ioc):
+@pytest.fixture(scope="module")
+def captured(ioc):
+    """One capture of 20 positioned frames with CaptureFrames=Yes, made the first time a test asks
+    for it (whatever the test order): (record path, the frames sent, the Mosaic PV at the end,
+    Message_RBV after the close)."""
     proc, ctx, raw, d = ioc
     path = d / "record.h5"
+    ctx.put(R + "ResetCounters", 1, wait=True)
     ctx.put(R + "MosaicReset", 1, wait=True)
+    wait_for(lambda: int(ctx.get(R + "Stitched_RBV")) == 0, timeout=10, message="an empty mosaic")
     ctx.put(R + "CaptureFile", str(path), wait=True)
     ctx.put(R + "CaptureFrames", 1, wait=True)
     ctx.put(R + "Capture", 1, wait=True)
@@ -80,7 +71,24 @@ def test_capture_writes_results_positions_frames_and_mosaic(ioc):
     live = ctx.get(R + "Mosaic")
     ctx.put(R + "Capture", 0, wait=True)
     wait_for(lambda: int(ctx.get(R + "Capture_RBV")) == 0, timeout=15, message="record closed")
-    assert "closed: 20 frames, 0 dropped" in text(ctx.get(R + "Message_RBV"))
+    return path, sent, live, text(ctx.get(R + "Message_RBV"))
+
+
+def recorded_pairs(path, tmp_path, seed: int):
+    """Training pairs from the captured record and a Ptychodus-like product (a random
+    256x256 phase object, 10 nm pixel); returns (pairs path, number of pairs, object)."""
+    obj = np.exp(1j * np.random.default_rng(seed).uniform(-1, 1, (1, 256, 256))).astype(np.complex64)
+    product = tmp_path / "product.h5"
+    with h5py.File(product, "w") as fh:
+        fh["object"] = obj
+        fh["object"].attrs["pixel_width_m"] = 1e-8
+    out = tmp_path / "pairs.npz"
+    return out, training_pairs(str(path), str(product), str(out)), obj
+
+
+def test_capture_writes_results_positions_frames_and_mosaic(captured):
+    path, sent, live, message = captured
+    assert "closed: 20 frames, 0 dropped" in message
     rec = read_record(str(path))
     data = rec["data"]
     assert data["phase"].shape == (20, 64, 64) and data["amplitude"].shape == (20, 64, 64)
@@ -114,9 +122,8 @@ def test_capture_refuses_unwritable_path_and_keeps_running(ioc):
     wait_for(lambda: int(ctx.get(R + "Processed_RBV")) == before + 3, timeout=10, message="still processing")
 
 
-def test_training_pairs_from_record_and_product(ioc, tmp_path):
-    proc, ctx, raw, d = ioc
-    out, n, obj = recorded_pairs(d, tmp_path, seed=0)
+def test_training_pairs_from_record_and_product(captured, tmp_path):
+    out, n, obj = recorded_pairs(captured[0], tmp_path, seed=0)
     assert n == 20
     with np.load(out) as z:
         assert z["reciprocal"].shape == (20, 64, 64) and z["real"].shape == (20, 64, 64)
@@ -125,14 +132,14 @@ def test_training_pairs_from_record_and_product(ioc, tmp_path):
         np.testing.assert_allclose(z["real"][0], obj[0, 128 - 32:128 + 32, 128 - 32:128 + 32], atol=1e-5)
 
 
-def test_retrain_on_captured_pairs_and_hot_swap_through_modelpath(ioc, tmp_path):
+def test_retrain_on_captured_pairs_and_hot_swap_through_modelpath(ioc, captured, tmp_path):
     """The seed's loop: record a scan, pair it with an iterative product, train on the pairs,
     and load the new model into the running IOC through ModelPath, with no frame lost."""
     pytest.importorskip("torch")
     from ptychostream.train import TrainConfig, train
 
     proc, ctx, raw, d = ioc
-    pairs, n, _ = recorded_pairs(d, tmp_path, seed=1)
+    pairs, n, _ = recorded_pairs(captured[0], tmp_path, seed=1)
     assert n == 20
     model = tmp_path / "retrained.onnx"
     summary = train(TrainConfig(output=str(model), data=(str(pairs),), size=64, depth=2, base_channels=4,
