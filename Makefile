@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
-# the training tests need PyTorch; the CPU build is enough (override for another build)
-TORCH ?= torch==2.13.0
+# the training and iterative tests need PyTorch and torchvision (pty-chi imports it); pip takes
+# these two from the local disk where it can (override for another build)
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test install bench pvtable clean
 
@@ -16,7 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TRAIN_STAMP): $(STAMP)
-	$(PY) -m pip install -q '$(TORCH)'
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[iterative]'
+	# ptychodus' beamline file readers need only numpy, h5py, scipy and scikit-image; its own
+	# requirements bring an LLM-agent stack (pydantic-ai, mlflow) the readers never import
+	$(PY) -m pip install -q --no-deps 'ptychodus>=1.7,<2'
 	touch $(TRAIN_STAMP)
 
 install: $(STAMP)

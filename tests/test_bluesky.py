@@ -133,7 +133,8 @@ def test_live_scan_documents(devices, RE, ctx, models):
                 "recon-backlog", "recon-frame_rate", "recon-latency_p50", "recon-status", "recon-message",
                 "det-array_counter", "det-detector_state"):
         assert key in keys, key
-    assert keys["recon-mosaic"]["dtype"] == "array" and len(keys["recon-mosaic"]["shape"]) == 2
+    # the canvas grows with the scan: its shape is variable (event-model's None), not the first event's
+    assert keys["recon-mosaic"]["dtype"] == "array" and keys["recon-mosaic"]["shape"] == [None, None]
     assert keys["recon-processed"]["dtype"] == "integer"
     assert keys["recon-status"]["choices"] == list(load_db("reconstructor.db")["Status_RBV"].enum_strs)
     assert desc["hints"]["recon"]["fields"] == ["recon-processed"]
@@ -148,7 +149,7 @@ def test_live_scan_documents(devices, RE, ctx, models):
     assert data["det-array_counter"] == counter0 + n
     assert data["det-detector_state"] == "Idle"
     mosaic = np.asarray(data["recon-mosaic"])
-    assert mosaic.ndim == 2 and list(mosaic.shape) == keys["recon-mosaic"]["shape"]
+    assert mosaic.ndim == 2 and min(mosaic.shape) >= 128
     # unstaged: disabled again; the phase of the last frame is a 128x128 patch
     assert int(ctx.get(R + "Enable_RBV")) == 0
     phase = ctx.get(R + "Phase")

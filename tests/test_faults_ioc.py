@@ -401,10 +401,10 @@ def test_a_slow_put_refused_late_leaves_the_setpoint_and_says_why(ioc, ctx, tmp_
     bad.write_text("no positions here\n")
     refused = int(ctx.get(R + "RefusedPuts_RBV"))
     old = text(ctx.get(R + "TrajectoryFile"))
-    from caproto import ErrorResponseReceived
+    from caproto.sync.client import write
 
-    with pytest.raises(ErrorResponseReceived):
-        ca_put(R + "TrajectoryFile", str(bad), timeout=10)
+    # the put-callback fails (ECA_PUTFAIL), as a real IOC's does
+    assert not write(R + "TrajectoryFile", str(bad), repeater=False, timeout=10, notify=True).status.success
     wait_for(lambda: int(ctx.get(R + "RefusedPuts_RBV")) == refused + 1, timeout=5, message="refusal counted")
     assert "TrajectoryFile" in text(ctx.get(R + "Message_RBV"))
     assert text(ctx.get(R + "TrajectoryFile")) == old
@@ -469,7 +469,9 @@ def test_ca_subscriptions_made_and_cancelled_while_values_change_fast_keep_the_i
                 old.clear_callbacks()
                 old.disconnect()
                 cancelled += 1
-            wait_for(lambda: pvs[-1].connected or proc.proc.poll() is not None, timeout=10,
+            # the circuit is the slow client's: a create-channel reply queues behind the fan-out
+            # (seen at over 10 s once on a loaded CI box); the IOC staying up is what is tested
+            wait_for(lambda: pvs[-1].connected or proc.proc.poll() is not None, timeout=30,
                      message="the new subscription connected")
         n = updates[0]
         wait_for(lambda: proc.proc.poll() is not None or updates[0] > n + len(pvs), timeout=30,

@@ -212,3 +212,86 @@ def test_plan_cache_follows_field_changes(frames):
     pre.crop_size = 6
     np.testing.assert_array_equal(pre.apply(frames), frames[:, 3:9, 3:9])
     assert first.shape == (3, 4, 4)
+
+
+# -- orientation, bad pixels, and the instrument/model split (issue #13) -----------------------------------
+def _oriented(a: np.ndarray, transpose: bool, flip_y: bool, flip_x: bool) -> np.ndarray:
+    """What :meth:`ptychostream.files.scan.Scan.canonical_frames` makes of centred frames: the
+    device and the training data must orient alike (a flip reverses the frequencies)."""
+    from ptychostream.files.scan import Scan
+
+    scan = Scan(a, np.zeros((len(a), 2)), origin="centre", transpose=transpose, flip_y=flip_y, flip_x=flip_x)
+    return scan.canonical_frames()
+
+
+@pytest.mark.parametrize("transpose,flip_y,flip_x", [(True, False, False), (False, True, False),
+                                                     (False, False, True), (True, True, True)])
+def test_orientation_matches_numpy(transpose, flip_y, flip_x):
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 900, (3, 9, 14)).astype(np.uint16)  # not square: a transpose changes the shape
+    pre = Preprocess(transpose=transpose, flip_y=flip_y, flip_x=flip_x)
+    want = _oriented(raw.astype(np.float32), transpose, flip_y, flip_x)
+    assert pre.output_shape(raw.shape) == want.shape
+    np.testing.assert_array_equal(pre.apply(raw), want)
+    out = np.empty(want.shape, np.float32)
+    assert pre.apply(raw, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_orientation_of_a_centred_crop_is_orientation_of_the_raw_frame():
+    """With the default (centred) crop and no binning, orienting the output equals orienting the
+    raw frame first but for the crop's edge row (with binning, within half a bin of that)."""
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 500, (2, 24, 24)).astype(np.uint16)
+    kw = {"fftshift": True, "crop_size": 16, "bin": 1, "scale": "sqrt", "normalise": "max"}
+    oriented_raw = np.ascontiguousarray(_oriented(np.fft.fftshift(raw, axes=(1, 2)), True, True, False))
+    want = Preprocess(**{**kw, "fftshift": False}).apply(oriented_raw)
+    got = Preprocess(**kw, transpose=True, flip_y=True).apply(raw)
+    # the crop's first row is its own mirror (-N/2 = N/2 mod N), the raw frame's comes from outside the crop
+    np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-6)
+    assert np.unravel_index(np.argmax(Preprocess(crop_size=16, flip_y=True, flip_x=True).apply(
+        np.pad(np.ones((1, 1)), ((12, 11), (12, 11))))), (16, 16)) == (8, 8)  # the zero frequency stays put
+
+
+def test_bad_pixel_mask_zeroes_pixels_before_threshold_and_bin():
+    raw = np.full((2, 8, 8), 10, dtype=np.uint16)
+    raw[:, 1, 2] = 60000  # a hot pixel
+    mask = np.zeros((8, 8), bool)
+    mask[1, 2] = True
+    out = Preprocess(mask=mask, bin=2).apply(raw)
+    assert out[0, 0, 1] == 30.0 and out[0, 0, 0] == 40.0  # 3 good pixels of 10 in the hot pixel's block
+    with pytest.raises(ValueError, match="mask frame shape"):
+        Preprocess(mask=np.zeros((4, 4), bool)).apply(raw)
+
+
+def test_every_setting_is_either_the_instruments_or_the_models():
+    from dataclasses import fields
+
+    from ptychostream.model.preprocess import INSTRUMENT_FIELDS, MODEL_FIELDS
+
+    assert set(INSTRUMENT_FIELDS) | set(MODEL_FIELDS) == {f.name for f in fields(Preprocess)}
+    assert not set(INSTRUMENT_FIELDS) & set(MODEL_FIELDS)
+
+
+def test_for_model_keeps_the_instrument_and_takes_the_models_settings():
+    dark = np.ones((64, 64))
+    device = Preprocess(fftshift=True, flip_y=True, transpose=True, crop_center=(30, 34), threshold=2.0,
+                        dark=dark, dark_path="/d.npy", crop_size=16, bin=1, scale="none")
+    model = Preprocess(fftshift=False, flip_x=True, threshold=5.0, crop_size=32, bin=2, scale="sqrt",
+                       normalise="fixed", norm_value=4.0)
+    joined, ignored = device.for_model(model)
+    assert joined.instrument() == device.instrument() and joined.dark is dark
+    assert (joined.crop_size, joined.bin, joined.scale, joined.normalise, joined.norm_value) == (32, 2, "sqrt",
+                                                                                                  "fixed", 4.0)
+    # what the model names for the detector is reported, not applied; its defaults say nothing
+    assert ignored == {"flip_x": (False, True), "threshold": (2.0, 5.0)}
+
+
+def test_json_round_trip_of_orientation_and_mask_path():
+    pre = Preprocess(flip_y=True, transpose=True, mask=np.zeros((4, 4)), mask_path="/m.npy")
+    d = json.loads(pre.to_json())
+    assert d["flip_y"] is True and d["flip_x"] is False and d["transpose"] is True and "mask" not in d
+    back = Preprocess.from_json(pre.to_json())
+    assert back == pre and back.mask is None and back.mask_path == "/m.npy"
+    # a model written before orientation existed reads as unflipped
+    assert Preprocess.from_json('{"fftshift": true}').instrument() == Preprocess(fftshift=True).instrument()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import IOCProcess, next_slot, pva_client_conf, text, wait_for
 
-from ptychostream.core.frames import ImageFrame
+from ptychostream.core.frames import BatchResult, ImageFrame
 from ptychostream.model.zoo import build_ptychonn_onnx
 from ptychostream.pipeline.record import read_record
 from ptychostream.protocols.ntnd import encode
@@ -157,3 +157,78 @@ def test_retrain_on_captured_pairs_and_hot_swap_through_modelpath(ioc, captured,
     assert int(ctx.get(R + "Received_RBV")) == before["Received"] + 5
     phase = ctx.get(R + "Phase")
     assert np.asarray(phase).shape == (64, 64) and np.isfinite(np.asarray(phase)).all()
+
+
+# -- positions from every source (issue #13) ------------------------------------------------------------
+def test_capture_with_a_trajectory_source_keeps_every_frames_position_and_pairs_work(ioc, tmp_path):
+    """PositionSource=Trajectory: the frames carry no position attributes; the record keeps the trajectory's
+    position of each frame (and says where it came from), so `ptychostream pairs` takes every frame."""
+    _, ctx, raw, _ = ioc
+    traj = 2e-8 * np.column_stack([np.arange(12) // 4, np.arange(12) % 4]).astype(np.float64)  # (y, x)
+    np.save(tmp_path / "traj.npy", traj)
+    path = tmp_path / "traj-record.h5"
+    ctx.put(R + "PositionSource", 3, wait=True)  # Trajectory
+    try:
+        ctx.put(R + "TrajectoryFile", str(tmp_path / "traj.npy"), wait=True)
+        ctx.put(R + "CaptureFile", str(path), wait=True)
+        ctx.put(R + "CaptureFrames", 1, wait=True)
+        ctx.put(R + "Capture", 1, wait=True)
+        frames = np.random.default_rng(5).poisson(4, (12, 64, 64)).astype(np.uint16)
+        for i in range(12):  # uniqueIds from 1: frame i sits at traj[i]
+            raw.put(R + "Input", encode(ImageFrame(frames[i], i + 1, time.time(), None, {})), wait=True)
+        wait_for(lambda: int(ctx.get(R + "CaptureWritten_RBV")) == 12, timeout=15, message="12 written")
+        ctx.put(R + "Capture", 0, wait=True)
+        wait_for(lambda: int(ctx.get(R + "Capture_RBV")) == 0, timeout=15, message="record closed")
+    finally:
+        ctx.put(R + "PositionSource", 0, wait=True)
+        ctx.put(R + "TrajectoryFile", "", wait=True)
+    rec = read_record(str(path))
+    np.testing.assert_allclose(rec["positions_m"], traj)
+    assert list(rec["position_source"]) == ["Trajectory"] * 12
+    np.testing.assert_allclose(rec["data"]["position_y_m"], traj[:, 0])
+    from ptychostream.files.record import check_record
+
+    assert "positions: 12 of 12 (Trajectory 12)" in check_record(path).describe()
+    _, n, _ = recorded_pairs(path, tmp_path, seed=2)
+    assert n == 12
+
+
+def _batch(uids, t0: float = 1000.0, attrs=None) -> BatchResult:
+    frames = [ImageFrame(np.zeros((4, 4), np.uint16), int(u), t0 + 0.1 * i, None, attrs or {})
+              for i, u in enumerate(uids)]
+    return BatchResult(frames, {"phase": np.zeros((len(uids), 4, 4), np.float32)}, np.full(len(uids), 1e-3), "m")
+
+
+def test_recorder_keeps_table_positions_early_or_late(tmp_path):
+    """PositionSource=Table: positions that came before their frame and after it (written into the
+    row then) are both in the record; a frame whose position never came stays NaN."""
+    from ptychostream.pipeline.record import Recorder
+
+    path = tmp_path / "table.h5"
+    r = Recorder(str(path), source="Table", scale=1e-6, flush_period=0.1)
+    r.add_positions([1, 2], [1.0, 2.0], [10.0, 20.0])  # micrometres, ahead of the frames
+    r.submit(_batch([1, 2, 3, 4, 5]))
+    r.add_positions([4, 3], [4.0, 3.0], [40.0, 30.0])  # late, shuffled
+    r.close()
+    rec = read_record(path)
+    want = 1e-6 * np.array([[1, 10], [2, 20], [3, 30], [4, 40], [np.nan, np.nan]])
+    np.testing.assert_allclose(rec["positions_m"], want)
+    assert list(rec["position_source"]) == ["Table"] * 5
+
+
+def test_recorder_keeps_motor_positions_matched_by_time(tmp_path):
+    """PositionSource=Motors: readbacks matched at each frame's time stamp as the stitch stage matches them
+    (the nearest sample within MotorTolerance, or the two around it), also when that sample comes after
+    the frame was written."""
+    from ptychostream.pipeline.record import Recorder
+
+    path = tmp_path / "motors.h5"
+    r = Recorder(str(path), source="Motors", motor_tolerance_s=0.15, flush_period=0.1)
+    r.add_motor(0, 1000.0, 0.0)  # x
+    r.add_motor(1, 1000.0, 5.0)  # y
+    r.submit(_batch([1, 2, 3, 4], t0=1000.0))  # at 1000.0, 1000.1 (near the first sample), 1000.2, 1000.3
+    r.add_motor(0, 1000.3, 3.0)  # frames 3 and 4 waited for it: the nearest sample within 0.15 s
+    r.close()
+    rec = read_record(path)
+    np.testing.assert_allclose(rec["positions_m"], [[5.0, 0.0], [5.0, 0.0], [5.0, 3.0], [5.0, 3.0]])
+    assert list(rec["position_source"]) == ["Motors"] * 4

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import shift as nd_shift
 
+from ptychostream.files.mosaic import write_mosaic_npz
+from ptychostream.files.product import Product, write_product_h5
 from ptychostream.quality.cli import add_score_parser
 from ptychostream.quality.score import (
     ScoreError,
@@ -86,11 +88,11 @@ def test_remove_plane_known_answer_and_wrapping():
 def test_frc_signal_against_noise():
     t = truth_image(128)
     rng = np.random.default_rng(0)
-    f, c, thr = frc(t, t + 0.01 * rng.standard_normal(t.shape))
+    f, c, _thr = frc(t, t + 0.01 * rng.standard_normal(t.shape))
     assert f[0] == 0 and f[-1] == pytest.approx(0.5)
     assert np.all(c[1:] > 0.85) and c[1:20].min() > 0.99
     a, b = rng.standard_normal((2, 128, 128))
-    _, c2, thr2 = frc(a, b)
+    _, c2, _thr2 = frc(a, b)
     assert abs(c2[1:].mean()) < 0.05  # independent noise does not correlate
     res = score_phase(0.3 * a, 0.3 * b)  # phase-like noise (differences well within ±π)
     assert abs(res["frc_auc"]) < 0.1
@@ -181,5 +183,58 @@ def test_score_files_and_cli(truth_file, tmp_path, capsys):
 
 def test_help_lists_options():
     text = parser().parse_args.__self__._subparsers._group_actions[0].choices["score"].format_help()
-    for opt in ("--mask", "--coverage", "--illumination", "--origin-m", "--json", "--model"):
+    for opt in ("--mask", "--coverage", "--illumination", "--origin-m", "--json", "--model", "--reference",
+                "--region", "--band", "--frc-threshold"):
         assert opt in text
+
+
+def test_cli_against_an_iterative_reference(tmp_path, capsys):
+    """End to end: a mosaic NPZ against a product HDF5 (write_product_h5), with a held-out region."""
+    px = 10e-9
+    obj = make_object("dead_leaves", (128, 128), seed=5)
+    probe = make_probe("gaussian", 32, px, fwhm_px=10)
+    g = np.arange(-40, 41, 8) * px
+    pos = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    product = tmp_path / "product.h5"
+    with h5py.File(product, "w") as h5:
+        write_product_h5(h5, Product(obj, px, (0.0, 0.0), probe=probe, positions_m=pos))
+    # the "network" mosaic: a crop of the object, shifted by a pixel fraction, offset, ramped, wrapped
+    _yy, xx = np.mgrid[0:100, 0:96]
+    phase = nd_shift(np.angle(obj[14:114, 16:112]), (0.4, -0.3), order=3, mode="nearest")
+    phase = (phase + 2.5 + 0.02 * xx + np.pi) % (2 * np.pi) - np.pi
+    origin = ((14 - 64) * px, (16 - 64) * px)
+    mosaic = tmp_path / "mosaic.npz"
+    write_mosaic_npz(mosaic, phase, np.ones_like(phase), None, origin, px)
+    ap = parser()
+    out = tmp_path / "scores.json"
+    region = ["0", str(40 * px), str(-40 * px), str(40 * px)]  # the bottom half of the scan
+    args = ap.parse_args(["score", str(mosaic), "--reference", str(product), "--region", *region, "--json", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "band-pass r" in text and "FRC resolution" in text and "region y" in text
+    res = json.loads(out.read_text())
+    assert res["ssim"] > 0.95 and res["bandpass_corr"] > 0.95 and res["frc_auc"] > 0.9
+    assert res["shift_px"] == pytest.approx([-0.4, 0.3], abs=0.1)
+    assert res["ramp"][2] == pytest.approx(0.02, abs=2e-3)
+    assert 1000 < res["n_pixels"] < 0.6 * phase.size and res["pixel_m"] == pytest.approx(px)
+    assert len(res["frc"]["freq"]) == len(res["frc"]["curve"]) > 10
+    # --json alone prints the JSON object; the whole scan compares more pixels
+    args = ap.parse_args(["score", str(mosaic), "--reference", str(product), "--json"])
+    assert args.func(args) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["n_pixels"] > 1.5 * res["n_pixels"] and whole["ssim"] > 0.95 and "frc" not in whole
+    # an unrelated mosaic scores low
+    other = tmp_path / "other.npz"
+    write_mosaic_npz(other, np.angle(make_object("dead_leaves", (100, 96), seed=9)), None, None, origin, px)
+    args = ap.parse_args(["score", str(other), "--reference", str(product), "--json"])
+    assert args.func(args) == 0
+    low = json.loads(capsys.readouterr().out)
+    assert low["bandpass_corr"] < 0.2 and low["ssim"] < 0.2
+    # bad input: exit status 2 and one line naming the problem
+    for argv, message in (([str(mosaic), "--reference", str(tmp_path / "none.h5")], "product file not found"),
+                          ([str(mosaic), "truth.h5", "--reference", str(product)], "not both"),
+                          ([str(mosaic), "--reference", str(product), "--region", "1", "2", "1", "2"],
+                           "pixels are valid")):
+        args = ap.parse_args(["score", *argv])
+        assert args.func(args) == 2
+        assert message in capsys.readouterr().err

@@ -222,7 +222,8 @@ def test_bad_training_files_give_clear_errors(npz_file, tmp_path):
                      real=np.where(np.arange(12)[:, None, None] == 3, np.nan, patches)), "NaN"),
         "count": (_bad(tmp_path, "count.npz", reciprocal=frames, real=patches[:-2]), "12 diffraction frames but 10"),
         "zero": (_bad(tmp_path, "zero.npz", reciprocal=frames[:0], real=patches[:0]), "no training pairs"),
-        "shape": (_bad(tmp_path, "shape.npz", reciprocal=frames, real=patches[:, :16, :16]), "labels are 16x16"),
+        "shape": (_bad(tmp_path, "shape.npz", reciprocal=frames, real=patches[:, :16, :16]),
+                  "16x16 labels cannot feed 32x32 outputs"),
     }
     for name, (path, message) in cases.items():
         with pytest.raises(TrainError, match=message):
@@ -403,3 +404,24 @@ def test_torch_backend_rebuilds_trained_models_without_onnx2torch(tmp_path):
                 np.testing.assert_allclose(got[k], want[k], atol=1e-4)
         be.close()
         ref.close()
+
+
+def test_labels_of_another_size_map_to_the_output(tmp_path):
+    pytest.importorskip("torch")
+    from ptychostream.train import train
+
+    frames, patches, g = tiny_pairs()
+    path = tmp_path / "small_labels.npz"
+    np.savez(path, reciprocal=frames, real=patches[:, 8:24, 8:24], pixelsize=g.pixel_m)  # 16 px, same pixel
+    out = tmp_path / "m.onnx"
+    summary = train(tiny_config(out, [path], output_size=16, epochs=1), progress=False, log=lambda s: None)
+    assert summary["data"]["label_zoom"] == 1.0 and summary["net"]["output_size"] == 16
+    # labels at twice the model's pixel (--pixel-m): resampled, not refused
+    coarse = tmp_path / "coarse.npz"
+    np.savez(coarse, reciprocal=frames, real=patches, pixelsize=2 * g.pixel_m)
+    summary = train(tiny_config(out, [coarse], output_size=16, epochs=1, pixel_m=g.pixel_m), progress=False,
+                    log=lambda s: None)
+    assert summary["data"]["label_zoom"] == 2.0
+    with open_model(out, backend="ONNXRuntime-CPU", threads=1) as m:
+        assert m.run(frames[:2])["phase"].shape == (2, 16, 16)
+        assert m.info.pixel_m == pytest.approx(g.pixel_m)

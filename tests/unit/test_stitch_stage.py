@@ -45,3 +45,49 @@ def test_idle_stage_waits_on_its_inbox():
     assert not stage.is_alive()
     # a 50 ms tick gives about 20 polls a second; a spinning loop gives tens of thousands
     assert 5 <= polls <= 60, polls
+
+
+def _batch(first_uid: int, n: int = 8, shape: tuple[int, int] = (32, 32)):
+    import numpy as np
+
+    from ptychostream.core.frames import BatchResult, ImageFrame
+
+    frames = [ImageFrame(np.ones((256, 256), np.uint16), first_uid + i, attributes={"PositionX": 1e-6 * i,
+                                                                                    "PositionY": 0.0})
+              for i in range(n)]
+    out = {"phase": np.zeros((n, *shape), np.float32), "amplitude": np.ones((n, *shape), np.float32)}
+    return BatchResult(frames, out, np.zeros(n), "m", pixel_m=1e-8)
+
+
+def test_the_inbox_holds_outputs_not_raw_frames_and_is_bounded_in_bytes(monkeypatch):
+    """A stitcher that falls behind holds each waiting frame's outputs and metadata only, at most
+    INBOX_BYTES of them; the frames beyond are counted as lost (Unpositioned), with a message."""
+    import ptychostream.pipeline.stitch as stitch
+
+    per_batch = 2 * 8 * 32 * 32 * 4  # phase and amplitude, float32
+    monkeypatch.setattr(stitch, "INBOX_BYTES", 3 * per_batch)
+    said: list[str] = []
+    stage = MosaicStage(DeviceState(load_db("reconstructor.db")), lambda text, severity: said.append(text))
+    for k in range(5):  # the stage thread is not started: nothing leaves the inbox
+        stage.on_result(_batch(1 + 8 * k))
+    assert stage.inbox.qsize() == 3 and stage._inbox_bytes == 3 * per_batch
+    assert stage.lost == 16 and stage.status()["Unpositioned_RBV"] == 16
+    assert said == ["stitcher behind: 8 frame(s) not stitched"] * 2
+    kind, light, size = stage.inbox.get_nowait()
+    assert kind == "batch" and size == per_batch
+    assert all(f.array.size == 0 for f in light.frames), "raw frames reached the stitch inbox"
+    assert [f.unique_id for f in light.frames] == list(range(1, 9))
+    assert light.frames[3].attributes["PositionX"] == 3e-6 and light.outputs["phase"].shape == (8, 32, 32)
+
+
+def test_a_pass_stitches_every_waiting_batch_and_counts_the_inbox_down():
+    """Batches waiting together are stitched in one pass (one canvas update); patch shapes may
+    change between them (a model swap), and the inbox's byte count returns to zero."""
+    stage = MosaicStage(DeviceState(load_db("reconstructor.db")), lambda text, severity: None)
+    stage.on_result(_batch(1))
+    stage.on_result(_batch(9))
+    stage.on_result(_batch(17, shape=(16, 16)))
+    stage._drain(stage.inbox.get_nowait())
+    assert stage.inbox.empty() and stage._inbox_bytes == 0
+    assert stage.status()["Stitched_RBV"] == 8  # the stitcher was rebuilt for the 16x16 patches of the last batch
+    assert stage.stitcher is not None and stage.stitcher.patch_shape == (16, 16)

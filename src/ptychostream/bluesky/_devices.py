@@ -41,8 +41,10 @@ try:
     import bluesky.plan_stubs as bps
     import bluesky.preprocessors as bpp
     from bluesky.utils import Msg
+    from event_model import DataKey
     from ophyd_async.core import (
         AsyncStatus,
+        Device,
         SignalR,
         SignalRW,
         StandardReadable,
@@ -57,8 +59,18 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     ) from exc
 
 __all__ = [
-    "PtychoReconstructor", "SimDetector", "ModelLoadError", "ScanTimeout", "InputNotConnected",
-    "live_ptycho_scan", "swap_model", "wait_drained", "attr_name", "signals_from_db", "read_mosaic",
+    "InputNotConnected",
+    "ModelLoadError",
+    "ModelLoader",
+    "PtychoReconstructor",
+    "ScanTimeout",
+    "SimDetector",
+    "attr_name",
+    "live_ptycho_scan",
+    "read_mosaic",
+    "signals_from_db",
+    "swap_model",
+    "wait_drained",
 ]
 
 Plan = Generator[Msg, Any, Any]
@@ -83,7 +95,7 @@ class InputNotConnected(RuntimeError):
 def attr_name(suffix: str) -> str:
     """``ModelPath`` → ``model_path``; ``LatencyP50_RBV`` → ``latency_p50``; ``cam1:NumImages`` → ``num_images``."""
     base = suffix.rsplit(":", 1)[-1]
-    base = base[:-4] if base.endswith("_RBV") else base
+    base = base.removesuffix("_RBV")
     words = re.findall(r"[A-Z]+[0-9]*(?![a-z])|[A-Z]?[a-z]+[0-9]*|[0-9]+", base) or [base]
     return "_".join(w.lower() for w in words)
 
@@ -183,7 +195,8 @@ class _DbDevice(StandardReadable):
                 by_suffix[spec.readback] = attr
         self._by_suffix = by_suffix
         read = [by_suffix[s] for s in self._read if s in by_suffix]
-        hinted = [a for a in read if self.specs[a].suffix in self._hinted]
+        # by the db/ suffix asked for: a paired readback (cam1:ArrayCounter_RBV) is stored under its setpoint
+        hinted = [by_suffix[s] for s in self._hinted if s in by_suffix and by_suffix[s] in read]
         self.add_readables([signals[a][0] for a in hinted], StandardReadableFormat.HINTED_UNCACHED_SIGNAL)
         self.add_readables([signals[a][0] for a in read if a not in hinted],
                            StandardReadableFormat.UNCACHED_SIGNAL)
@@ -206,13 +219,75 @@ class _DbDevice(StandardReadable):
             return getattr(self, self._by_suffix[suffix])
         raise KeyError(f"{suffix} is not in {self.db.source.name}")
 
+    def writable(self, suffix: str) -> SignalRW:
+        """The read/write signal of a db/ setpoint ``suffix``; TypeError for a read-only PV."""
+        sig = self.signal(suffix)
+        if not isinstance(sig, SignalRW):
+            raise TypeError(f"{suffix} of {self.db.source.name} is read-only")
+        return sig
+
+
+class ModelLoader(Device):
+    """The reconstructor's model as a Bluesky Movable: ``set(path)`` completes when ``path`` serves.
+
+    ``bps.mv(recon.model, "/path/model.onnx")`` puts ModelPath, then waits (fresh reads, not the
+    monitor cache) until ModelStatus_RBV leaves Loading: Ready with ModelPath_RBV == path completes
+    it; Error, or Ready with another model still serving (a candidate the stream refused), fails it
+    with :class:`ModelLoadError` carrying Message_RBV. ``set("")`` unloads (ModelStatus None).
+    """
+
+    def __init__(self, recon: PtychoReconstructor, name: str = "", timeout: float = 60.0) -> None:
+        # plain dict, not attributes: the signals stay children of the reconstructor
+        self._sig: dict[str, Any] = {"path": recon.writable("ModelPath"), "status": recon.signal("ModelStatus_RBV"),
+                     "message": recon.signal("Message_RBV")}
+        self._owner_of = (recon,)  # a tuple: a Device attribute would become a child (a cycle)
+        self.timeout = timeout
+        super().__init__(name=name)
+
+    @AsyncStatus.wrap
+    async def set(self, value: str, timeout: float | None = None) -> None:
+        path = str(value).strip()
+        wait = self.timeout if timeout is None else timeout
+        sig = self._sig
+        await sig["path"].set(path, timeout=wait)  # the IOC shows Loading before it answers the put
+        deadline = time.monotonic() + wait
+        while True:
+            status = str(await sig["status"].get_value(cached=False))
+            if status != LOADING:
+                break
+            if time.monotonic() > deadline:
+                raise ScanTimeout(f"{self._owner_of[0].name}: model {path} still loading after {wait:g} s")
+            await asyncio.sleep(0.05)
+        message = await sig["message"].get_value(cached=False)
+        if status == ERROR:
+            raise ModelLoadError(f"{self._owner_of[0].name} could not load model {path}: {message}")
+        serving = await sig["path"].get_value(cached=False)  # ModelPath_RBV
+        if serving != path or (path and status != READY):
+            raise ModelLoadError(f"{self._owner_of[0].name} serves {serving!r} (ModelStatus {status}), not {path!r}, "
+                                 f"after the load: {message}")
+
+    async def read_value(self) -> str:
+        """The model file now serving (ModelPath_RBV)."""
+        return str(await self._sig["path"].get_value(cached=False))
+
 
 class PtychoReconstructor(_DbDevice):
     """The ptychostream reconstructor IOC (prefix ``$(P)$(R)``, e.g. ``PTY:NN:``) over PVA.
 
     ``read()`` gives the live mosaic, the frame counters, rates, latencies and status;
     ``read_configuration()`` the model, backend, queue and pre-processing settings.
-    ``stage()`` enables processing, ``unstage()`` disables it.
+    ``stage()`` enables processing, ``unstage()`` disables it. ``model`` is a :class:`ModelLoader`
+    (``bps.mv(recon.model, path)`` waits until the model serves).
+
+    With ``source`` (the :class:`SimDetector` feeding it), ``trigger()`` completes once every frame
+    the detector has sent since ``stage()`` has been accounted for (received, and processed, dropped
+    or rejected) and every processed frame stitched: in ``count([det, recon])`` the reconstructor
+    is read after the detector's acquisition has been reconstructed, not while its frames are
+    still in flight. Without a source, ``trigger()`` waits until nothing is in flight.
+
+    The live mosaic's canvas grows with the scan (unless MosaicXMin..YMax fix it), so its data key
+    says ``shape [None, None]`` (variable, event-model's convention) instead of the shape of the
+    first event.
     """
 
     # the signals the plans use (all are made from db/ at __init__; annotated for type checkers)
@@ -222,6 +297,8 @@ class PtychoReconstructor(_DbDevice):
     message: SignalR[str]
     input_pv: SignalRW[str]
     input_connected: SignalR[bool]
+    processed: SignalR[int]
+    received: SignalR[int]
 
     _db_name = "reconstructor.db"
     _read = ("Mosaic", "Processed_RBV", "Dropped_RBV", "Rejected_RBV", "Missed_RBV", "Received_RBV",
@@ -229,14 +306,82 @@ class PtychoReconstructor(_DbDevice):
              "FrameRate_RBV", "LatencyP50_RBV", "LatencyP99_RBV", "Status_RBV", "Message_RBV")
     _hinted = ("Processed_RBV",)
 
+    def __init__(self, prefix: str, name: str = "", db: PVDatabase | None = None,
+                 source: SimDetector | None = None, trigger_timeout: float = 60.0) -> None:
+        super().__init__(prefix, name=name, db=db)
+        self.model = ModelLoader(self)
+        self.set_name(name)  # names the loader too
+        self._source_of = (source,)  # a tuple: a Device attribute would become a child
+        self.trigger_timeout = trigger_timeout
+        self._baseline: tuple[int, int] | None = None  # (detector ArrayCounter, Received) at stage
+        self._stitch_base: dict[str, int] | None = None  # the counters at stage (a MosaicReset zeroes Stitched only)
+
     def _config_attrs(self) -> list[str]:
         extra = [a for a, s in self.specs.items() if s.suffix in ("ModelStatus_RBV", "ModelInfo_RBV")]
         return super()._config_attrs() + extra
+
+    async def describe(self) -> dict[str, DataKey]:
+        keys = await super().describe()
+        key = f"{self.name}-mosaic"
+        if key in keys:
+            fixed = await asyncio.gather(*(self.signal(n).get_value() for n in
+                                           ("MosaicXMin", "MosaicXMax", "MosaicYMin", "MosaicYMax")
+                                           if self.has(n)))
+            if not any(fixed):  # a growing canvas: its shape is not the first event's
+                keys[key] = DataKey(**{**keys[key], "shape": [None, None]})  # type: ignore[typeddict-item]
+        return keys
+
+    async def counts(self) -> dict[str, int]:
+        """Frame counters read now (not the monitor cache): processed, dropped, rejected, backlog,
+        received, stitched, unpositioned."""
+        return await self._counts_now()
+
+    async def _counts_now(self) -> dict[str, int]:
+        names = ("processed", "dropped", "rejected", "backlog", "received", "stitched", "unpositioned")
+        values = await asyncio.gather(*(getattr(self, n).get_value(cached=False) for n in names))
+        return dict(zip(names, map(int, values)))
+
+    @AsyncStatus.wrap
+    async def trigger(self) -> None:
+        await asyncio.sleep(0)  # let the other triggers of this step start (the detector's acquisition)
+        deadline = time.monotonic() + self.trigger_timeout
+        source = self._source_of[0]
+        acquisition = source.last_trigger if source is not None else None
+        if acquisition is not None and not acquisition.done:
+            await asyncio.wait_for(acquisition, timeout=self.trigger_timeout)
+        last: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            c = await self.counts()
+            sent_ok = True
+            if source is not None and self._baseline is not None:
+                sent = int(await source.array_counter.get_value(cached=False)) - self._baseline[0]
+                sent_ok = c["received"] - self._baseline[1] >= sent
+            b = self._stitch_base or {"processed": 0, "stitched": 0, "unpositioned": 0}
+            stitched = c["stitched"] - b["stitched"] + c["unpositioned"] - b["unpositioned"]
+            drained = (sent_ok and c["backlog"] == 0 and c["processed"] + c["dropped"] + c["rejected"] >= c["received"]
+                       and stitched >= c["processed"] - b["processed"])
+            if drained and (source is not None or c == last):  # without a source: two equal reads in a row
+                await self._mosaic_published()
+                return
+            last = c
+            await asyncio.sleep(0.1)
+        raise ScanTimeout(f"{self.name}: frames still in flight after {self.trigger_timeout:g} s: {last}")
+
+    async def _mosaic_published(self) -> None:
+        """Wait one MosaicRate period: the stitch stage publishes at most that often."""
+        rate = float(await self.signal("MosaicRate_RBV").get_value()) if self.has("MosaicRate_RBV") else 0.0
+        await asyncio.sleep(1.0 / rate + 0.05 if rate > 0 else 0.1)
 
     @AsyncStatus.wrap
     async def stage(self) -> None:
         await super().stage()
         await self.enable.set(True)
+        self._stitch_base = await self.counts()
+        source = self._source_of[0]
+        if source is not None:
+            counter, received = await asyncio.gather(source.array_counter.get_value(cached=False),
+                                                     self.received.get_value(cached=False))
+            self._baseline = (int(counter), int(received))
 
     @AsyncStatus.wrap
     async def unstage(self) -> None:
@@ -261,6 +406,10 @@ class SimDetector(_DbDevice):
     status_message: SignalR[str]
     scan_points: SignalRW[int]
     scan_step: SignalRW[float]
+    array_counter: SignalRW[int]
+
+    #: the status of the latest ``trigger()`` (a reconstructor with this detector as source waits on it)
+    last_trigger: AsyncStatus | None = None
 
     _db_name = "simdetector.db"
     _read = ("cam1:ArrayCounter_RBV", "cam1:NumImagesCounter_RBV", "cam1:DetectorState_RBV")
@@ -283,8 +432,14 @@ class SimDetector(_DbDevice):
         frames = 1 if str(mode) == "Single" else int(num)
         return frames * max(float(period), float(exposure), 1e-3) * 2 + self.trigger_margin
 
+    def trigger(self) -> AsyncStatus:
+        """Acquire (cam1:Acquire=1, a busy put) and complete when the acquisition has ended."""
+        status = self._trigger()
+        self.last_trigger = status
+        return status
+
     @AsyncStatus.wrap
-    async def trigger(self) -> None:
+    async def _trigger(self) -> None:
         timeout = await self.acquire_timeout()
         await self.acquire.set(True, timeout=timeout)
         state = await self.detector_state.get_value()

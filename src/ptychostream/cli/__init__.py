@@ -1,4 +1,4 @@
-"""``ptychostream`` command line: the IOCs (ioc, simdet), train, score, pairs and pvtable."""
+"""``ptychostream`` command line: the IOCs (ioc, simdet), train, reconstruct, adapt, score, pairs, sim-foreign and pvtable."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     ioc_conf = config.get("ioc", {})
     prefix = args.prefix or ioc_conf.get("prefix", "PTY:NN:")
     ca = ioc_conf.get("ca", True) if args.ca is None else args.ca
-    recon = Reconstructor()
+    recon = Reconstructor(prefix=prefix)
     recon.start()
     for err in apply_startup_values(recon.device, config.get("pvs", {})):
         recon.message(err, severity=1)
@@ -92,9 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_score_parser(sub)
 
+    from ptychostream.iterative.cli import add_reconstruct_parser
+
+    add_reconstruct_parser(sub)
+
     from ptychostream.cli.record import add_record_parser
 
     add_record_parser(sub)
+
+    from ptychostream.sim.foreign import add_foreign_parser
+
+    add_foreign_parser(sub)
+
+    from ptychostream.cli.adapt import add_adapt_parser
+
+    add_adapt_parser(sub)
 
     p = sub.add_parser("pairs", help="training pairs: a record's frames + patches of a later reconstruction",
                        description="Join the diffraction frames of an HDF5 record (CaptureFrames=Yes) with "

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["PVSpec", "PVDatabase", "PutError", "db_dir", "load_db"]
+__all__ = ["MBB_STATES", "SEVERITY_NAMES", "PVDatabase", "PVSpec", "PutError", "db_dir", "load_db"]
 
 #: record types whose VAL a client may write
 _OUTPUT_TYPES = {"ao", "longout", "bo", "mbbo", "stringout", "lso", "int64out"}
@@ -26,8 +26,11 @@ _INT_TYPES = {"longout", "longin", "int64out", "int64in"}
 _BOOL_TYPES = {"bo", "bi"}
 _MBB_TYPES = {"mbbo", "mbbi"}
 _STRING_TYPES = {"lso", "lsi", "stringout", "stringin"}
-_MBB_STR = ("ZR", "ON", "TW", "TH", "FR", "FV", "SX", "SV", "EI", "NI", "TE", "EL", "TV", "TT", "FT", "FF")
-_SEVERITIES = {"NO_ALARM": 0, "MINOR": 1, "MAJOR": 2, "INVALID": 3}
+#: the 16 state prefixes of an mbbo/mbbi record (``ZRST``/``ZRSV`` ... ``FFST``/``FFSV``)
+MBB_STATES = ("ZR", "ON", "TW", "TH", "FR", "FV", "SX", "SV", "EI", "NI", "TE", "EL", "TV", "TT", "FT", "FF")
+#: EPICS menuAlarmSevr, in severity order
+SEVERITY_NAMES = ("NO_ALARM", "MINOR", "MAJOR", "INVALID")
+_SEVERITIES = {name: i for i, name in enumerate(SEVERITY_NAMES)}
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -219,6 +222,35 @@ def _num(fields: dict[str, str], key: str) -> float | None:
     return None if text in (None, "") else float(text)
 
 
+def _constant_link(raw: Any, where: str) -> str | None:
+    """The text of a constant link as whatrecord parses it (``"3.5"``, ``{const:"text"}``, ``["text"]``),
+    or None for an empty link.
+
+    Any other link names another PV, which ptychostream does not follow: ValueError naming ``where``.
+    """
+    if isinstance(raw, dict):
+        if set(raw) != {"const"}:
+            raise ValueError(f"{where}: a {'/'.join(raw)} link; expected a constant link, {{const:...}}")
+        value = raw["const"]
+    elif isinstance(raw, (list, tuple)):
+        value = raw
+    else:  # bare text: empty, or a number, is a constant; anything else is the name of a PV
+        text = str(raw).strip()
+        if not text:
+            return None
+        try:
+            float(text)
+        except ValueError:
+            raise ValueError(f"{where}: {text!r} is a link to another PV; expected a constant, "
+                             'a number or {const:"text"}') from None
+        return text
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"{where}: a constant link of {len(value)} values; expected one")
+        value = value[0]
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
 def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[str, str]) -> PVSpec:
     for prefix in ("$(P)$(R)", "$(P)"):
         if name.startswith(prefix):
@@ -244,10 +276,10 @@ def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[s
         enum_sevr = tuple(_SEVERITIES[fields.get(k, "NO_ALARM")] for k in ("ZSV", "OSV"))
     elif rtyp in _MBB_TYPES:
         kind = "enum"
-        strs = [fields.get(f"{p}ST") for p in _MBB_STR]
+        strs = [fields.get(f"{p}ST") for p in MBB_STATES]
         n = max((i + 1 for i, s in enumerate(strs) if s), default=0)
         enum_strs = tuple(s or "" for s in strs[:n])
-        enum_sevr = tuple(_SEVERITIES[fields.get(f"{p}SV", "NO_ALARM")] for p in _MBB_STR[:n])
+        enum_sevr = tuple(_SEVERITIES[fields.get(f"{p}SV", "NO_ALARM")] for p in MBB_STATES[:n])
     elif rtyp in _STRING_TYPES:
         kind = "string"
     else:
@@ -259,7 +291,9 @@ def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[s
     writable = rtyp in _OUTPUT_TYPES or (bool(image or table) and info.get("ptychostream:writable") == "1")
     protocols = frozenset(info.get("ptychostream:protocols", "pva ca").split())
 
-    val = fields.get("VAL")
+    # a constant DOL link is how an output record gets its start-up value in a real IOC (an lso's VAL
+    # cannot be set before iocInit); it wins over VAL, as record support's init_record does
+    val = fields.get("DOL", fields.get("VAL"))
     initial: Any
     if kind == "float":
         initial = float(val) if val else 0.0
@@ -304,6 +338,10 @@ def load_db(name: str = "reconstructor.db", folder: str | None = None) -> PVData
     db = Database.from_file(str(path))
     specs = []
     for rec_name, rec in db.records.items():
-        fields = {k: str(v.value) for k, v in rec.fields.items()}
+        fields = {k: str(v.value) for k, v in rec.fields.items() if k != "DOL"}
+        dol = _constant_link(rec.fields["DOL"].value, f"{path}: record {rec_name}, field DOL") \
+            if "DOL" in rec.fields else None
+        if dol is not None:
+            fields["DOL"] = dol
         specs.append(_spec_from_record(rec_name, rec.record_type, fields, dict(rec.info)))
     return PVDatabase(specs, path)

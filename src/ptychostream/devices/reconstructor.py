@@ -7,12 +7,20 @@ over PVA and CA with :func:`ptychostream.protocols.server.serve`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +34,7 @@ from ptychostream.core.stats import Counters, LatencyWindow, RateMeter, saturate
 from ptychostream.model.infer import Model, ModelError
 from ptychostream.model.preprocess import NORMALISATIONS as NORMS
 from ptychostream.model.preprocess import SCALES, Preprocess
+from ptychostream.mosaic.positions import PatternPositions
 from ptychostream.pipeline.batcher import Batcher
 from ptychostream.pipeline.publish import Publisher
 from ptychostream.pipeline.queue import POLICIES, FrameQueue
@@ -39,7 +48,9 @@ from ptychostream.pipeline.record import Recorder
 from ptychostream.pipeline.stitch import SOURCES, MosaicStage, load_trajectory
 
 __all__ = ["Reconstructor", "MODEL_NONE", "MODEL_LOADING", "MODEL_READY", "MODEL_ERROR",
-           "ST_DISABLED", "ST_IDLE", "ST_RUNNING", "ST_OVERLOAD", "ST_ERROR", "PRE_PVS"]
+           "ST_DISABLED", "ST_IDLE", "ST_RUNNING", "ST_OVERLOAD", "ST_ERROR", "PRE_PVS", "INSTRUMENT_PVS",
+           "RETRAIN_IDLE", "RETRAIN_RUNNING", "RETRAIN_DONE", "RETRAIN_FAILED", "RETRAIN_REFUSED", "ADAPT_CMD_ENV",
+           "adapt_command"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,17 +65,34 @@ REPORT_PERIOD_S = 1.0
 STOP_DRAIN_S = 2.0
 #: how long a stop waits for a slow put still in progress (a Capture opening its file)
 STOP_PUTS_S = 1.0
+#: PositionPV positions kept for a record that starts later (the newest; a table may run ahead of the frames)
+TABLE_KEEP = 100_000
+#: RetrainState_RBV states, in the order of db/
+RETRAIN_IDLE, RETRAIN_RUNNING, RETRAIN_DONE, RETRAIN_FAILED, RETRAIN_REFUSED = range(5)
+#: the environment variable that names the retrain command (split like a shell line); its arguments follow it
+ADAPT_CMD_ENV = "PTYCHOSTREAM_ADAPT_CMD"
+#: how often a running retrain's status file is read
+RETRAIN_POLL_S = 0.2
+#: how long a stop waits for a retrain process to end after SIGTERM, before SIGKILL
+RETRAIN_STOP_S = 5.0
 #: the pre-processing setpoints (each has a _RBV)
-PRE_PVS = ("PreFFTShift", "PreCropSize", "PreCropX", "PreCropY", "PreBin", "PreThreshold", "PreScale",
-           "PreNormalise", "PreNormValue", "PreDarkPath")
+PRE_PVS = ("PreFFTShift", "PreFlipY", "PreFlipX", "PreTranspose", "PreCropSize", "PreCropX", "PreCropY", "PreBin",
+           "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath")
+#: the PV of each instrument setting of :class:`Preprocess` (kept across a model swap); the model
+#: settings (PreCropSize, PreBin, PreScale, PreNormalise, PreNormValue) follow the model
+INSTRUMENT_PVS = {"fftshift": "PreFFTShift", "flip_y": "PreFlipY", "flip_x": "PreFlipX", "transpose": "PreTranspose",
+                  "crop_center": "PreCropX/PreCropY", "threshold": "PreThreshold", "dark_path": "PreDarkPath",
+                  "mask_path": "(no PV: a bad-pixel mask is not settable yet)"}
 
 
 class Reconstructor:
     """Owns the pipeline and the device state of one reconstructor IOC."""
 
-    def __init__(self, device: DeviceState | None = None) -> None:
+    def __init__(self, device: DeviceState | None = None, prefix: str = "") -> None:
         self.device = device or DeviceState(load_db("reconstructor.db"), message_pv="Message_RBV",
                                              refused_pv="RefusedPuts_RBV", history_pv="MessageHistory_RBV")
+        #: the PV prefix this device is served under (``--ioc`` of a retrain, which swaps through ModelPath)
+        self.prefix = prefix
         d = self.device
         self.counters = Counters()
         self.in_rate = RateMeter()
@@ -104,10 +132,16 @@ class Reconstructor:
         self._slow_lock = threading.Lock()
         self._slow_puts: dict[str, Future] = {}  # the latest slow put to each PV
         self._closing: list[threading.Thread] = []  # records closing after Capture=0
+        self._trajectory: PatternPositions | None = None  # the TrajectoryFile's positions (for the record too)
+        self._table_seen: OrderedDict[int, tuple[float, float]] = OrderedDict()  # PositionPV (y, x) by uid, unscaled
+        self._motor_seen: list[tuple[float, float] | None] = [None, None]  # the latest (t, value) of x and y
+        self._positions_lock = threading.Lock()
+        self._retrain: subprocess.Popen | None = None  # the running retrain process (under handler_lock)
+        self._retrain_watch: threading.Thread | None = None
         self._register()
         for name in ("BatchSize", "BacklogLimit", "BacklogPolicy", "PublishRate", "PositionSource", "PosAttrX",
                      "PosAttrY", "PosScale", "PositionTimeout", "PixelSize", "MosaicRate", "MosaicOffset",
-                     "MotorTolerance"):
+                     "MotorTolerance", "RetrainBudget", "RetrainSwap"):
             d.set(f"{name}_RBV", d.get(name))
         self.mosaic.configure(**self._mosaic_settings())
         d.set("Backend_RBV", d.get("Backend"))
@@ -133,7 +167,9 @@ class Reconstructor:
            Capture opening its file) gets up to :data:`STOP_PUTS_S` s to end;
         4. the record being captured is closed with the final mosaic (every result stitched so
            far) and its end time, and records closing after an earlier ``Capture=0`` finish;
-        5. the position monitors and the stitch thread stop.
+        5. the position monitors and the stitch thread stop;
+        6. a retrain still running is ended (SIGTERM, then SIGKILL after :data:`RETRAIN_STOP_S` s); it
+           leaves the serving model as it was.
 
         The final account is logged: ``stopped: R received = P processed + D dropped +
         J rejected + B left in the queue``.
@@ -163,6 +199,7 @@ class Reconstructor:
             m.close()
         self.mosaic.stop()
         self.mosaic.join(timeout=5)
+        self._stop_retrain()
         c = self.counters.snapshot()
         text = (f"stopped: {c['received']} received = {c['processed']} processed + {self.queue.dropped} dropped + "
                 f"{c['rejected']} rejected + {self.queue.backlog} left in the queue ({time.monotonic() - t0:.2f} s)")
@@ -356,6 +393,8 @@ class Reconstructor:
 
         @on("ModelPath")
         def _model_path(value: str) -> str:
+            if value and not value.strip():
+                raise PutError("ModelPath: a path of spaces names no file; put an empty string to unload")
             value = value.strip()
             self._load(value, d.get("Backend"))
             return value
@@ -376,7 +415,6 @@ class Reconstructor:
                     d.set(rbv, value)
             on(name)(handler)
 
-        mosaic_setting("PositionSource", "source", lambda v: SOURCES[v])
         mosaic_setting("PosAttrX", "attr_x")
         mosaic_setting("PosAttrY", "attr_y")
         mosaic_setting("PosScale", "scale")
@@ -388,7 +426,18 @@ class Reconstructor:
         @on("MotorTolerance")
         def _tolerance(value: float) -> None:
             self.mosaic.motors.tolerance_s = value
+            rec = self.recorder
+            if rec is not None:
+                rec.configure(motor_tolerance_s=value)
             d.set("MotorTolerance_RBV", value)
+
+        @on("PositionSource")
+        def _source(value: int) -> None:
+            self.mosaic.configure(source=SOURCES[value])
+            rec = self.recorder
+            if rec is not None:  # the record keeps the position each frame is stitched at, from any source
+                rec.configure(source=SOURCES[value])
+            d.set("PositionSource_RBV", value)
 
         @on("PositionPV")
         def _position_pv(value: str) -> str:
@@ -426,6 +475,9 @@ class Reconstructor:
                         raise PutError(f"TrajectoryFile: {exc}") from None
                 with d.handler_lock:
                     self.mosaic.configure(trajectory=traj)
+                    self._trajectory = traj
+                    if self.recorder is not None:
+                        self.recorder.set_trajectory(traj)
                     if traj is not None:
                         self.message(f"trajectory of {len(traj)} points from {value}")
                     d.set("TrajectoryFile_RBV", value)
@@ -478,7 +530,9 @@ class Reconstructor:
                 self._capture_opening = True  # until the record's file exists (on a thread)
                 rec_settings = {"frames": bool(d.get("CaptureFrames")), "attr_x": d.get("PosAttrX"),
                                 "attr_y": d.get("PosAttrY"), "scale": d.get("PosScale"),
-                                "flush_period": d.get("CaptureFlushPeriod")}
+                                "flush_period": d.get("CaptureFlushPeriod"),
+                                "source": SOURCES[d.get("PositionSource")], "trajectory": self._trajectory,
+                                "motor_tolerance_s": d.get("MotorTolerance")}
                 return self._slow_put("Capture", value, lambda: self._open_record(path, rec_settings))
             if not value and self._capture_opening:  # close it once it is open
                 return self._slow_put("Capture", value, self._close_record)
@@ -495,6 +549,21 @@ class Reconstructor:
 
         for name in PRE_PVS:
             on(name)(self._make_pre_handler(name))
+
+        # -- retrain (a background process on the last capture) --
+        @on("RetrainStart")
+        def _retrain_start(value: int) -> Busy | int:
+            if not value:
+                return 0
+            return self._start_retrain()
+
+        @on("RetrainBudget")
+        def _retrain_budget(value: float) -> None:
+            d.set("RetrainBudget_RBV", value)
+
+        @on("RetrainSwap")
+        def _retrain_swap(value: int) -> None:
+            d.set("RetrainSwap_RBV", value)
 
     def _finish_record(self, rec: Recorder) -> None:
         """Close a record with the final mosaic (off the put path)."""
@@ -524,6 +593,17 @@ class Reconstructor:
                     raise PutError("Capture: the IOC is stopping")
                 self.recorder = rec
                 rec.flush_period = float(self.device.get("CaptureFlushPeriod"))  # if put while the file opened
+                rec.configure(source=SOURCES[self.device.get("PositionSource")],  # if put while the file opened
+                              motor_tolerance_s=self.device.get("MotorTolerance"))
+                rec.set_trajectory(self._trajectory)
+                with self._positions_lock:  # what the position sources said before the record began
+                    if self._table_seen:
+                        uids = np.fromiter(self._table_seen, np.int64, len(self._table_seen))
+                        yx = np.array(list(self._table_seen.values()), np.float64)
+                        rec.add_positions(uids, yx[:, 0], yx[:, 1])
+                    for axis, seen in enumerate(self._motor_seen):
+                        if seen is not None:
+                            rec.add_motor(axis, *seen)
                 self.publisher.add_listener(rec.submit)
                 self.device.set("CaptureFile_RBV", path)
                 self.device.set("CaptureFlushPeriod_RBV", rec.flush_period)
@@ -586,12 +666,156 @@ class Reconstructor:
     def _on_table(self, value) -> None:
         uids, x, y = value
         self.mosaic.add_positions(uids, y, x)
+        with self._positions_lock:
+            rec = self.recorder
+            if rec is not None:
+                rec.add_positions(uids, y, x)
+            seen = self._table_seen
+            for u, yv, xv in zip(np.asarray(uids).reshape(-1).tolist(), np.asarray(y).reshape(-1).tolist(),
+                                 np.asarray(x).reshape(-1).tolist()):
+                seen[int(u)] = (float(yv), float(xv))
+                seen.move_to_end(int(u))
+            while len(seen) > TABLE_KEEP:
+                seen.popitem(last=False)
 
     def _motor_cb(self, axis: int):
         def cb(value) -> None:
             v, t = value
             self.mosaic.add_motor(axis, t, v)
+            with self._positions_lock:
+                self._motor_seen[axis] = (float(t), float(v))
+                rec = self.recorder
+                if rec is not None:
+                    rec.add_motor(axis, t, v)
         return cb
+
+    # -- retrain ------------------------------------------------------------------------
+    def _refuse_retrain(self, text: str, state: int | None = RETRAIN_REFUSED) -> None:
+        """Refuse RetrainStart (counted in RefusedPuts_RBV, said in Message_RBV and RetrainMessage_RBV)."""
+        if state is not None:
+            self.device.set("RetrainState_RBV", state)
+            self.device.set("RetrainMessage_RBV", text)
+        raise PutError(f"RetrainStart: {text}")
+
+    def _start_retrain(self) -> Busy:
+        """RetrainStart=1 (under the handler lock): spawn the retrain on the last capture; the put completes
+        when the process has ended (busy, as areaDetector's Acquire). Refused while one runs, while capturing,
+        when there is no capture file, and while stopping."""
+        d = self.device
+        if self._stopping:
+            self._refuse_retrain("the IOC is stopping", state=None)
+        if self._retrain is not None:
+            self._refuse_retrain(f"a retrain is already running (pid {self._retrain.pid}); wait for "
+                                 "RetrainState_RBV", state=None)
+        path = str(d.get("CaptureFile_RBV")).strip()
+        if not path:
+            self._refuse_retrain("no capture to retrain on: record a scan first (CaptureFile, CaptureFrames=Yes, "
+                                 "Capture=1, then Capture=0)")
+        if self.recorder is not None or self._capture_opening:
+            self._refuse_retrain(f"still capturing to {path}: put Capture=0 first")
+        if not Path(path).is_file():
+            self._refuse_retrain(f"the last capture file {path} is not there")
+        work = Path(tempfile.mkdtemp(prefix="ptychostream-retrain-"))
+        status, log_path = work / "status.json", work / "adapt.log"
+        budget, swap = float(d.get("RetrainBudget")), bool(d.get("RetrainSwap"))
+        cmd = [*adapt_command(), path, "--status-file", str(status), "--budget-min", f"{budget:g}"]
+        if self.prefix:
+            cmd += ["--ioc", self.prefix]
+        if not swap:
+            cmd.append("--no-swap")
+        try:
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # its own group: ended with its children
+        except OSError as exc:
+            self._refuse_retrain(f"cannot start {shlex.join(cmd[:4])}: {exc}", state=RETRAIN_FAILED)
+        self._retrain = proc
+        d.set_many({"RetrainState_RBV": RETRAIN_RUNNING, "RetrainProgress_RBV": 0.0, "RetrainResult_RBV": "",
+                     "RetrainMessage_RBV": f"started on {path}"})
+        self.message(f"retrain started on {path} (pid {proc.pid}, budget {budget:g} min, log {log_path})")
+        done: Future = Future()
+        watch = threading.Thread(target=self._watch_retrain, args=(proc, status, log_path, swap, done),
+                                 name="ptychostream-retrain", daemon=True)
+        self._retrain_watch = watch
+        watch.start()
+        return Busy(1, done)
+
+    def _watch_retrain(self, proc: subprocess.Popen, status: Path, log_path: Path, swap: bool, done: Future) -> None:
+        """Follow a retrain (a thread): its status file into the Retrain PVs until it ends, then its verdict."""
+        d = self.device
+        last: dict[str, Any] = {}
+        try:
+            while True:
+                rc = proc.poll()
+                now = _read_status(status)
+                if now is not None and now != last:
+                    last = now
+                    d.set("RetrainProgress_RBV", round(100.0 * _progress(now), 1))
+                    d.set("RetrainMessage_RBV", _status_text(now))
+                if rc is not None:
+                    break
+                time.sleep(RETRAIN_POLL_S)
+            final = _read_status(status) or last
+            got = final.get("result")
+            result: dict[str, Any] = got if isinstance(got, dict) else {}
+            if rc == 0 and final.get("done") and final.get("ok"):
+                d.set("RetrainProgress_RBV", 100.0)
+                d.set("RetrainResult_RBV", _result_text(result))
+                d.set("RetrainMessage_RBV", _status_text(final) or "done")
+                self.message(f"retrain done: {_result_text(result)}")
+                d.set("RetrainState_RBV", RETRAIN_DONE)
+                self._swap_retrained(result, swap)
+            else:
+                if self._stopping:
+                    why = "ended with the IOC; the serving model is unchanged"
+                elif final.get("done") and final.get("message"):
+                    why = str(final["message"])
+                else:
+                    tail = _log_tail(log_path)
+                    why = (f"the retrain process exited with code {rc} before it finished"
+                           + (f": {tail}" if tail else ""))
+                if result:
+                    d.set("RetrainResult_RBV", _result_text(result))
+                d.set("RetrainMessage_RBV", why)
+                self.message(f"retrain failed: {why} (log {log_path})", severity=2)
+                d.set("RetrainState_RBV", RETRAIN_FAILED)
+        except Exception as exc:  # the verdict must come, whatever the file held
+            _log.exception("retrain watch failed")
+            d.set("RetrainMessage_RBV", f"retrain watch failed: {exc}")
+            d.set("RetrainState_RBV", RETRAIN_FAILED)
+        finally:
+            with d.handler_lock:
+                if self._retrain is proc:
+                    self._retrain = None
+            d.set("RetrainStart", 0)
+            done.set_result(0)
+
+    def _swap_retrained(self, result: dict[str, Any], swap: bool) -> None:
+        """Without a prefix the retrain could not reach this IOC: load its model here if it was better."""
+        model = result.get("model")
+        if self.prefix or not swap or result.get("swapped") or not result.get("better") or not model:
+            return
+        self.message(f"retrain: serving the better model {model}")
+        self.device.set("ModelPath", str(model))
+        self._load(str(model), self.device.get("Backend"))
+
+    def _stop_retrain(self) -> None:
+        """End a running retrain and its children (SIGTERM, SIGKILL after RETRAIN_STOP_S); wait for its verdict."""
+        proc, watch = self._retrain, self._retrain_watch
+        if proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)  # the group of the process this device started, and nothing else
+            except (ProcessLookupError, PermissionError):
+                break
+            try:
+                proc.wait(timeout=RETRAIN_STOP_S)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if watch is not None:
+            watch.join(timeout=2 * RETRAIN_POLL_S + 1.0)
 
     # -- pre-processing -----------------------------------------------------------
     def _preprocess_from_pvs(self, override: dict[str, Any] | None = None) -> Preprocess:
@@ -604,6 +828,9 @@ class Reconstructor:
         self._crop_xy = (cx, cy)  # the centre applies once both are set
         pre = Preprocess(
             fftshift=bool(v["PreFFTShift"]),
+            flip_y=bool(v["PreFlipY"]),
+            flip_x=bool(v["PreFlipX"]),
+            transpose=bool(v["PreTranspose"]),
             crop_size=v["PreCropSize"] or None,
             crop_center=None if cx < 0 or cy < 0 else (cy, cx),
             bin=v["PreBin"],
@@ -616,6 +843,13 @@ class Reconstructor:
         )
         pre.validate()
         return pre
+
+    def _preprocess_for(self, model_pre: Preprocess) -> tuple[Preprocess, dict[str, tuple[Any, Any]]]:
+        """The settings a model swap serves with: this device's instrument settings (from the PVs) with
+        the model's own (crop size, bin, scale, normalisation); and the model's instrument settings that
+        differ from the device's, which are not applied (see :meth:`Preprocess.for_model`)."""
+        with self.device.handler_lock:
+            return self._preprocess_from_pvs().for_model(model_pre)
 
     def _make_pre_handler(self, name: str):
         def handler(value: Any) -> Any:
@@ -651,10 +885,12 @@ class Reconstructor:
         return path
 
     def _show_preprocess(self, pre: Preprocess, setpoints: bool = True) -> None:
-        """Write a Preprocess into the Pre*_RBV PVs (and the setpoints after a model load)."""
+        """Write a Preprocess into the Pre*_RBV PVs (and the setpoints after a model load: the model
+        settings change there, the instrument settings were the device's already)."""
         cy, cx = pre.crop_center if pre.crop_center else self._crop_xy[::-1]
         values = {
-            "PreFFTShift": int(pre.fftshift), "PreCropSize": pre.crop_size or 0,
+            "PreFFTShift": int(pre.fftshift), "PreFlipY": int(pre.flip_y), "PreFlipX": int(pre.flip_x),
+            "PreTranspose": int(pre.transpose), "PreCropSize": pre.crop_size or 0,
             "PreCropX": cx, "PreCropY": cy, "PreBin": pre.bin, "PreThreshold": pre.threshold,
             "PreScale": SCALES.index(pre.scale), "PreNormalise": NORMS.index(pre.normalise),
             "PreNormValue": pre.norm_value, "PreDarkPath": self._dark_path,
@@ -701,20 +937,30 @@ class Reconstructor:
                 model.close()
                 return
         info = model.info
-        pre = replace(info.preprocess)
-        if pre.dark is None and pre.dark_path:
-            try:
-                self._dark, self._dark_path = _load_dark(pre.dark_path), pre.dark_path
-            except (OSError, ValueError, KeyError) as exc:
-                self.message(f"model's dark frame {pre.dark_path} not loaded: {exc}", severity=1)
-        if pre.dark is None and self._dark is not None:
-            pre = replace(pre, dark=self._dark, dark_path=self._dark_path)
+        try:
+            pre, ignored = self._preprocess_for(info.preprocess)
+        except ValueError as exc:  # the model's crop/bin do not go with this device's crop centre, say
+            model.close()
+            self._model_error = self.batcher.model is None
+            keep = "; the previous model keeps serving" if self.batcher.model is not None else ""
+            self._finish_load(seq, MODEL_ERROR if self._model_error else MODEL_READY,
+                              f"model {path} refused: its pre-processing does not go with this device's: {exc}{keep}",
+                              severity=2)
+            return
         if not self._fits_stream(seq, path, model, pre):
             return
-        if not self.batcher.swap(model, pre).wait(timeout=30):
+        with self.device.handler_lock:  # a Pre* put meanwhile is in the settings taken, not lost
+            pre, ignored = self._preprocess_for(info.preprocess)
+            taken = self.batcher.swap(model, pre)
+            self._show_preprocess(pre)
+        if ignored:
+            said = "; ".join(f"{name} {_fmt_setting(theirs)} ({INSTRUMENT_PVS[name]} stays {_fmt_setting(mine)})"
+                             for name, (mine, theirs) in ignored.items())
+            self.message(f"model {info.name}: its instrument pre-processing is not applied, the device's is kept: "
+                         f"{said}; put the PVs to change them", severity=1)
+        if not taken.wait(timeout=30):
             self.message("the inference loop did not take the new model within 30 s", severity=2)
         self._model_error = False
-        self._show_preprocess(pre)
         self._apply_stitch_hint(info.metadata.get("ptychostream.stitch"))
         d.set("ModelPath_RBV", path)
         d.set("ModelInfo_RBV", info.summary())
@@ -734,6 +980,8 @@ class Reconstructor:
             offset = None
         choices = self.device.db["MosaicOffset"].enum_strs
         if offset in choices:
+            if choices.index(offset) != self.device.get("MosaicOffset"):
+                self.message(f"MosaicOffset {offset}: the model's stitch hint")
             self.device.set("MosaicOffset", choices.index(offset))
             self.device.set("MosaicOffset_RBV", choices.index(offset))
             self.mosaic.configure(offset=offset)
@@ -781,6 +1029,69 @@ class Reconstructor:
         if text:
             self.message(text, severity=severity)
         self._set_model_status()
+
+
+def adapt_command() -> list[str]:
+    """The retrain command, before its arguments: ``$PTYCHOSTREAM_ADAPT_CMD`` (split like a shell line), else
+    ``python -m ptychostream adapt`` with this interpreter (serving code never imports the training)."""
+    text = os.environ.get(ADAPT_CMD_ENV, "").strip()
+    return shlex.split(text) if text else [sys.executable, "-m", "ptychostream", "adapt"]
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    """The retrain's status file ({"stage", "progress", "message", "done", "ok", "result"}), or None if not
+    there (yet) or not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _progress(status: dict[str, Any]) -> float:
+    try:
+        p = float(status.get("progress", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+    return min(1.0, max(0.0, p)) if math.isfinite(p) else 0.0
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    stage, text = str(status.get("stage") or ""), str(status.get("message") or "")
+    return f"{stage}: {text}" if stage and text else stage or text
+
+
+def _result_text(result: dict[str, Any]) -> str:
+    """The result for RetrainResult_RBV: adapt's verdict (``model``, ``better``, ``swapped``, ``reason``), or
+    a ``summary``, else the result's scalar entries."""
+    if result.get("summary"):
+        return str(result["summary"])
+    if "model" in result and "better" in result:
+        return (f"{result['model']}: {'better' if result['better'] else 'not better'}, "
+                f"{'swapped in' if result.get('swapped') else 'not swapped'}"
+                + (f"; {result['reason']}" if result.get("reason") else ""))
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(result.items())
+                     if isinstance(v, (str, int, float, bool)) or v is None)
+
+
+def _log_tail(path: Path, chars: int = 300) -> str:
+    """The end of a retrain's output, on one line."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - chars))
+            return " ".join(fh.read().decode("utf-8", "replace").split())
+    except OSError:
+        return ""
+
+
+def _fmt_setting(value: Any) -> str:
+    """A pre-processing value as an operator reads it (Yes/No, a path or "none")."""
+    if isinstance(value, (bool, np.bool_)):
+        return "Yes" if value else "No"
+    if value is None or value == "":
+        return "none"
+    return str(value)
 
 
 def _open_once(path: str, mode: str = "rb") -> None:

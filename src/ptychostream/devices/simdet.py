@@ -3,6 +3,13 @@
 Frames are computed ahead into a cache (probe × object patch → |FFT|² → Poisson), so
 publishing is limited by PVA, not by the FFT. Positions go out three ways: NDAttributes
 on each frame, scalar motor readbacks, and chunked (uniqueId, x, y) tables.
+
+``ReplayFile`` replays any scan file :func:`ptychostream.files.scan.read_scan` reads (NPZ, CXI,
+HDF5, our record) instead: the frames as stored, each with its own position as NDAttributes
+(``PosAttrX``/``PosAttrY``, metres), so the reconstructor positions every frame by the frame
+itself, whatever ``ArrayCounter`` is, with no position file.  File puts (``ReplayFile``,
+``ObjectFile``, ``ProbeFile``) read the file on a thread, outside the handler lock, and complete
+when it has loaded (or are refused with the reader's message).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +81,11 @@ class SimDetector:
         self._done: Future | None = None
         self._counter = 0
         self._image_counter = 0
+        #: the last replay file read: (path, mtime_ns, size, geometry) and its frames
+        self._replay: tuple[tuple[Any, ...], FrameSource] | None = None
+        self._replay_lock = threading.Lock()
+        #: the newest file put of each file setpoint, which the next one waits for
+        self._file_puts: dict[str, Future] = {}
         self._register()
         for name in CONFIG:
             self._echo(name, self.device.get(name))
@@ -116,12 +129,57 @@ class SimDetector:
             if self._acquiring:
                 raise PutError(f"cannot change {name} while acquiring: stop first")
             if name in ("cam1:ObjectFile", "cam1:ProbeFile", "cam1:ReplayFile") and value:
-                self._check_file(name, value)
+                return self._file_put(name, value)
             self._echo(name, value)
             if name in ("cam1:Energy", "cam1:Distance", "cam1:DetPixel", "cam1:Size", "cam1:Bin"):
                 self._update_geometry(**{name: value})
             return value
         return handler
+
+    def _file_put(self, name: str, value: str) -> Busy:
+        """Complete a put of a file setpoint later: the file is read on a thread, outside the handler
+        lock, after the earlier puts to ``name``; a file that does not load refuses the put and
+        leaves the setpoint as it was."""
+        done: Future = Future()
+        before = self._file_puts.get(name)  # under the handler lock: puts are in order
+        self._file_puts[name] = done
+
+        def run() -> None:
+            if before is not None:
+                wait_futures([before])
+            try:
+                self._check_file(name, value)
+                self._echo(name, value)
+                done.set_result(None)
+            except PutError as exc:
+                done.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - still the put's answer, not a dead thread
+                _log.exception("put to %s failed", name)
+                done.set_exception(PutError(f"{name}: {exc}"))
+
+        threading.Thread(target=run, name=f"simdet-put-{name}", daemon=True).start()
+        return Busy(value, done, setpoint_later=True)
+
+    def _replay_source(self, path: str) -> FrameSource:
+        """The frames and positions of a replay file, read once per file version (path, mtime, size)."""
+        from pathlib import Path
+
+        from ptychostream.sim.replay import load_frames
+
+        st = Path(path.split("::", 1)[0]).stat()
+        g = self.geometry()
+        # the detector's geometry stands in for a file that gives none (pixel positions need the object pixel)
+        defaults = {"energy_ev": 1e3 * g.energy_keV, "distance_m": g.distance_m, "detector_pixel_m": g.detector_pixel_m}
+        key = (path, st.st_mtime_ns, st.st_size, *defaults.values())
+        with self._replay_lock:
+            if self._replay is not None and self._replay[0] == key:
+                return self._replay[1]
+            data = load_frames(path, defaults=defaults)
+            where = "positioned" if data.positions_m is not None else "no positions"
+            source = FrameSource(np.ascontiguousarray(data.frames), data.positions_m,
+                                 description=f"replay {path} ({len(data.frames)} frames, {where})")
+            self._replay = (key, source)
+            return source
 
     def _check_file(self, name: str, path: str) -> None:
         from pathlib import Path
@@ -140,9 +198,7 @@ class SimDetector:
 
                 load_probe(path)
             else:
-                from ptychostream.sim.replay import load_frames
-
-                load_frames(path)
+                self._replay_source(path)
         except (ValueError, KeyError, OSError) as exc:
             raise PutError(f"{name}: {exc}") from None
 
@@ -175,11 +231,7 @@ class SimDetector:
         d = self.device
         replay = d.get("cam1:ReplayFile")
         if replay:
-            from ptychostream.sim.replay import load_frames
-
-            data = load_frames(replay)
-            source = FrameSource(np.ascontiguousarray(data.frames), data.positions_m,
-                                 description=f"replay {replay} ({len(data.frames)} frames)")
+            source = self._replay_source(replay)
         else:
             source = self._simulate()
         self._source, self._source_key = source, key

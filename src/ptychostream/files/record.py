@@ -12,7 +12,13 @@ Layout (``NX_class`` attributes on the groups)::
         amplitude   (N, h, w) float32            (when the model gives it)
         unique_id   (N,) int64                   NTNDArray uniqueId of the input frame
         timestamp   (N,) float64                 EPICS time stamp of the input frame, s since 1970
-        position_x_m, position_y_m (N,) float64  from the frame's NDAttributes (NaN if absent)
+        position_x_m, position_y_m (N,) float64  the position the frame was stitched at, metres
+                                                 (NaN: none came), from any position source
+        position_source (N,) uint8 HDF5 enum     where it came from: Attributes (the frame's
+                                                 NDAttributes), Table (PositionPV chunks by
+                                                 uniqueId), Motors (readbacks by time stamp) or
+                                                 Trajectory (a file, by frame number); records
+                                                 older than it had Attributes only
         latency_ms  (N,) float32
     /entry/instrument/detector/data (N, H, W)    diffraction frames (CaptureFrames=Yes)
     /entry/mosaic                  NXdata: phase, amplitude, coverage (H, W) float32;
@@ -29,14 +35,14 @@ still says "open for writing"); :func:`open_record` does that by itself.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ptychostream.files.errors import FileFormatError
 
-__all__ = ["DATA", "DETECTOR", "ENTRY", "FLUSHED", "FLUSH_TIME", "MOSAIC", "RecordStatus", "check_record",
-           "open_record", "read_record"]
+__all__ = ["DATA", "DETECTOR", "ENTRY", "FLUSHED", "FLUSH_TIME", "MOSAIC", "POSITION_SOURCES", "RecordStatus",
+           "check_record", "open_record", "read_record", "record_positions"]
 
 ENTRY = "entry"
 DATA = "entry/data"
@@ -44,6 +50,8 @@ DETECTOR = "entry/instrument/detector"
 MOSAIC = "entry/mosaic"
 FLUSHED = "entry/frames_flushed"
 FLUSH_TIME = "entry/flush_time"
+#: the position sources, in the order of the PositionSource enum of db/ and of ``position_source``'s codes
+POSITION_SOURCES = ("Attributes", "Table", "Motors", "Trajectory")
 
 
 def open_record(path: str | Path) -> Any:
@@ -81,9 +89,25 @@ def _checked(fh: Any, file: Path) -> int:
     return int(data["unique_id"].shape[0]) if "unique_id" in data else 0
 
 
+def record_positions(data: dict[str, Any], n: int | None = None) -> tuple[Any, Any]:
+    """Each frame's position and its source from a record's ``data`` (as :func:`read_record` gives it):
+    ((N, 2) float64 (y, x) metres, NaN where the frame got none; (N,) str array of source names)."""
+    import numpy as np
+
+    if n is None:
+        n = len(data["unique_id"]) if "unique_id" in data else 0
+    yx = np.full((n, 2), np.nan)
+    if "position_y_m" in data and "position_x_m" in data:
+        yx[:, 0], yx[:, 1] = data["position_y_m"][:n], data["position_x_m"][:n]
+    codes = np.asarray(data["position_source"][:n], np.intp) if "position_source" in data else np.zeros(n, np.intp)
+    names = np.asarray(POSITION_SOURCES + ("?",))
+    return yx, names[np.clip(codes, 0, len(POSITION_SOURCES))]
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
     """Read a record back: {'data': {...}, 'mosaic': {..., attrs} (when written), 'frames': array or None,
-    'attrs': {...}, 'n_frames': int, 'complete': bool}.
+    'attrs': {...}, 'n_frames': int, 'complete': bool, 'positions_m': (N, 2) (y, x) metres (NaN: none),
+    'position_source': (N,) source names} (see :func:`record_positions`).
 
     A cut record (its writer crashed) gives the frames up to its last flush. Raises
     ``FileNotFoundError``, or :class:`FileFormatError` (a ``ValueError``) when the file is not
@@ -102,6 +126,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
             out["mosaic"].update({k: m.attrs[k] for k in m.attrs})
         det = fh.get(DETECTOR + "/data")
         out["frames"] = det[:n] if det is not None else None
+    out["positions_m"], out["position_source"] = record_positions(out["data"], n)
     return out
 
 
@@ -128,6 +153,8 @@ class RecordStatus:
     mosaic_patches: int
     attrs: dict[str, Any]
     last_flush: float | None  #: when the last flush ended, s since 1970
+    #: frames positioned, by position source
+    position_sources: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         """The report of ``ptychostream record check``: a few lines naming the file."""
@@ -135,7 +162,9 @@ class RecordStatus:
         lines = [f"{self.path}: ptychostream record, model {_text(a.get('model_id', '?'))}, "
                  f"started {_text(a.get('start_time', '?'))}",
                  f"  frames: {self.frames} ({', '.join(self.outputs) or 'no outputs'})",
-                 f"  positions: {self.positions} of {self.frames}",
+                 (f"  positions: {self.positions} of {self.frames}"
+                  + (f" ({', '.join(f'{k} {v}' for k, v in self.position_sources.items())})"
+                     if self.position_sources else "")),
                  "  diffraction frames: " + (" x ".join(map(str, self.diffraction)) if self.diffraction else "none"),
                  "  mosaic: " + (f"{' x '.join(map(str, self.mosaic))}, {self.mosaic_patches} patches"
                                  if self.mosaic else "none")]
@@ -160,9 +189,11 @@ def check_record(path: str | Path) -> RecordStatus:
         n = _checked(fh, file)
         data = fh[DATA]
         attrs = dict(fh[ENTRY].attrs)
-        positions = 0
-        if "position_x_m" in data and "position_y_m" in data:
-            positions = int(np.count_nonzero(np.isfinite(data["position_x_m"][:n]) & np.isfinite(data["position_y_m"][:n])))
+        yx, source = record_positions({k: data[k] for k in ("unique_id", "position_x_m", "position_y_m",
+                                                             "position_source") if k in data}, n)
+        ok = np.isfinite(yx).all(axis=1)
+        positions = int(np.count_nonzero(ok))
+        names, counts = np.unique(source[ok], return_counts=True)
         det = fh.get(DETECTOR + "/data")
         mosaic = fh.get(MOSAIC + "/phase")
         return RecordStatus(
@@ -171,4 +202,5 @@ def check_record(path: str | Path) -> RecordStatus:
             diffraction=(min(n, det.shape[0]), *det.shape[1:]) if det is not None else None,
             mosaic=tuple(mosaic.shape) if mosaic is not None else None,
             mosaic_patches=int(fh[MOSAIC].attrs.get("n_patches", 0)) if mosaic is not None else 0,
-            attrs=attrs, last_flush=float(fh[FLUSH_TIME][0]) if FLUSH_TIME in fh else None)
+            attrs=attrs, last_flush=float(fh[FLUSH_TIME][0]) if FLUSH_TIME in fh else None,
+            position_sources={str(k): int(v) for k, v in zip(names, counts)})

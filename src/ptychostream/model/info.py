@@ -18,6 +18,11 @@ Metadata travels in the ONNX ``metadata_props`` under these keys:
 ``ptychostream.training``   JSON object describing the training run
 =========================== ==========================================================
 
+Of ``ptychostream.preprocess`` a serving IOC takes only the model's settings (crop size, bin,
+scale, normalisation: :data:`~ptychostream.model.preprocess.MODEL_FIELDS`); the instrument's
+(fftshift, orientation, crop centre, threshold, dark, mask) stay the device's, and any the model
+names otherwise are reported, not applied (:meth:`~ptychostream.model.preprocess.Preprocess.for_model`).
+
 Without ``ptychostream.outputs`` the labels come from the output names ("amp",
 "phase"/"ph"), else the PtychoNN convention: two outputs are [amplitude, phase],
 one 2-channel output is [phase, amplitude] (as in the training NPZ), one

@@ -50,6 +50,9 @@ class NetLayout:
     heads: tuple[str, ...] = HEADS
     output_size: int | None = None
     batchnorm: bool = True
+    #: the amplitude head's sigmoid times this (amplitudes up to it; > 1 for samples that amplify
+    #: or for iterative labels not normalised to 1); the export writes the same Mul
+    amplitude_scale: float = 1.0
 
     def __post_init__(self) -> None:
         heads = tuple(self.heads)
@@ -59,6 +62,8 @@ class NetLayout:
             raise NetworkError(f"heads must be distinct names from {HEADS}, got {heads}")
         if self.base_channels < 1:
             raise NetworkError(f"base_channels must be at least 1, got {self.base_channels}")
+        if not (math.isfinite(self.amplitude_scale) and self.amplitude_scale > 0):
+            raise NetworkError(f"amplitude_scale must be a positive number, got {self.amplitude_scale}")
         if self.depth < 1 or self.size % self.cell:
             raise NetworkError(f"input size {self.size} must be divisible by 2**depth = {2 ** self.depth}")
         out, cell = self.out_size, self.cell
@@ -72,15 +77,19 @@ class NetLayout:
         metadata); ``batchnorm`` overrides the recorded one.  NetworkError if it is unusable."""
         try:
             layout = cls(int(config["size"]), int(config["base_channels"]), int(config["depth"]),
-                         tuple(config["heads"]), int(config["output_size"]), bool(config.get("batchnorm", True)))
+                         tuple(config["heads"]), int(config["output_size"]), bool(config.get("batchnorm", True)),
+                         float(config.get("amplitude_scale", 1.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise NetworkError(f"unusable network layout {dict(config)!r} ({exc})") from None
         return layout if batchnorm is None else replace(layout, batchnorm=batchnorm)
 
     def config(self) -> dict[str, Any]:
         """The layout as plain JSON types (recorded in the model metadata; :meth:`from_config` reads it)."""
-        return {"size": self.size, "base_channels": self.base_channels, "depth": self.depth,
-                "heads": list(self.heads), "output_size": self.out_size, "batchnorm": bool(self.batchnorm)}
+        out = {"size": self.size, "base_channels": self.base_channels, "depth": self.depth,
+               "heads": list(self.heads), "output_size": self.out_size, "batchnorm": bool(self.batchnorm)}
+        if self.amplitude_scale != 1.0:
+            out["amplitude_scale"] = float(self.amplitude_scale)
+        return out
 
     @property
     def out_size(self) -> int:
@@ -187,6 +196,9 @@ def torch_net(layout: NetLayout) -> Any:
                 layers.append(nn.Conv2d(layout.channels[0], 1, 3, padding=1))
                 self.decoders.append(nn.Sequential(*layers))
             self.activations = [activations[layout.activation(h)] for h in layout.heads]
+            if layout.amplitude_scale != 1.0 and "amplitude" in layout.heads:
+                k, scale = layout.heads.index("amplitude"), layout.amplitude_scale
+                self.activations[k] = lambda y: torch.sigmoid(y) * scale
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")

@@ -3,18 +3,29 @@
 The steps, in order, on each frame of a stack (n, H, W):
 
 1. convert to float32 and subtract ``dark`` (same shape as the raw frame);
-2. set values below ``threshold`` to 0 (with the default 0.0 this clips the
+2. zero the bad pixels of ``mask`` (same shape, True/non-zero = bad);
+3. set values below ``threshold`` to 0 (with the default 0.0 this clips the
    negatives a dark subtraction leaves);
-3. ``fftshift`` (for data stored with zero frequency at the corner);
-4. centre crop to ``crop_size`` around ``crop_center`` (row, col; default the
-   frame centre, i.e. the zero frequency after an fftshift);
-5. bin by ``bin`` (sum of bin×bin pixels, so photon counts are kept);
-6. ``scale``: none, log1p or sqrt;
-7. ``normalise`` per frame by its max, sum or mean, or by a fixed ``norm_value``.
+4. ``fftshift`` (for data stored with zero frequency at the corner);
+5. centre crop to ``crop_size`` around ``crop_center`` (row, col of the raw frame;
+   default the frame centre, i.e. the zero frequency after an fftshift);
+6. bin by ``bin`` (sum of bin×bin pixels, so photon counts are kept);
+7. ``scale``: none, log1p or sqrt;
+8. ``normalise`` per frame by its max, sum or mean, or by a fixed ``norm_value``;
+9. orient: ``transpose`` (rows ↔ columns) first, then ``flip_y`` (rows) and ``flip_x``
+   (columns), the order of :class:`ptychostream.files.scan.Scan`; a flip reverses the
+   frequencies (the zero frequency stays put). On a centred, unbinned crop this is the same as
+   orienting the raw frame first.
 
 Only the pixels inside the crop are converted and processed, and the fftshift is
 folded into the crop indices, so a 516² frame cropped to 512 and binned to 128
 costs one gather and one reduction.
+
+Two kinds of setting (:data:`INSTRUMENT_FIELDS`, :data:`MODEL_FIELDS`). The detector's
+own (origin/fftshift, orientation, crop centre, dark, bad-pixel mask, threshold) are the
+instrument's: they belong to the device and survive a model swap. What the network was
+trained with (crop size and binning, i.e. its input size, the scaling and the
+normalisation) comes with the model. :meth:`Preprocess.for_model` joins the two.
 """
 
 from __future__ import annotations
@@ -26,13 +37,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Preprocess", "SCALES", "NORMALISATIONS", "finite_mask"]
+__all__ = ["Preprocess", "InstrumentSettings", "ModelSettings", "SCALES", "NORMALISATIONS", "INSTRUMENT_FIELDS",
+           "MODEL_FIELDS", "finite_mask"]
 
 SCALES = ("none", "log1p", "sqrt")
 NORMALISATIONS = ("none", "max", "sum", "mean", "fixed")
 
-_JSON_FIELDS = ("fftshift", "crop_size", "crop_center", "bin", "threshold", "scale",
-                "normalise", "norm_value", "dark_path")
+_JSON_FIELDS = ("fftshift", "flip_y", "flip_x", "transpose", "crop_size", "crop_center", "bin", "threshold",
+                "scale", "normalise", "norm_value", "dark_path", "mask_path")
+#: the detector's settings: the device's, kept across a model swap
+INSTRUMENT_FIELDS = ("fftshift", "flip_y", "flip_x", "transpose", "crop_center", "threshold", "dark", "dark_path",
+                     "mask", "mask_path")
+#: what the network was trained with: they come with the model
+MODEL_FIELDS = ("crop_size", "bin", "scale", "normalise", "norm_value")
+#: the settings that hold arrays (kept out of JSON and of comparisons)
+_ARRAY_FIELDS = ("dark", "mask")
 
 
 def finite_mask(frames: np.ndarray) -> np.ndarray:
@@ -45,11 +64,41 @@ def finite_mask(frames: np.ndarray) -> np.ndarray:
     return np.isfinite(frames).reshape(frames.shape[0], -1).all(axis=1)
 
 
+@dataclass(frozen=True)
+class InstrumentSettings:
+    """The detector-side pre-processing: set on the device, kept when the model changes."""
+
+    fftshift: bool = False
+    flip_y: bool = False
+    flip_x: bool = False
+    transpose: bool = False
+    crop_center: tuple[int, int] | None = None
+    threshold: float = 0.0
+    dark: np.ndarray | None = field(default=None, repr=False, compare=False)
+    dark_path: str | None = None
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    mask_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The pre-processing a network was trained with: its input size (crop, bin), scaling and normalisation."""
+
+    crop_size: int | None = None
+    bin: int = 1
+    scale: str = "none"
+    normalise: str = "none"
+    norm_value: float = 1.0
+
+
 @dataclass
 class Preprocess:
     """Raw frame → model input. See the module docstring for the order of the steps."""
 
     fftshift: bool = False
+    flip_y: bool = False
+    flip_x: bool = False
+    transpose: bool = False
     crop_size: int | None = None
     crop_center: tuple[int, int] | None = None
     bin: int = 1
@@ -60,12 +109,17 @@ class Preprocess:
     norm_value: float = 1.0
     #: where ``dark`` came from (informational; kept in JSON, the array is not)
     dark_path: str | None = None
+    #: bad pixels (True/non-zero), the raw frame's shape; they become 0 before the threshold
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    #: where ``mask`` came from (informational, as ``dark_path``)
+    mask_path: str | None = None
 
     # -- checks -------------------------------------------------------------------
     def validate(self) -> "Preprocess":
         """Raise ValueError with a clear message if the configuration is inconsistent."""
-        if not isinstance(self.fftshift, (bool, np.bool_)):
-            raise ValueError(f"fftshift must be true or false, not {self.fftshift!r}")
+        for name in ("fftshift", "flip_y", "flip_x", "transpose"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.crop_size is not None:
             if not _is_int(self.crop_size) or self.crop_size <= 0:
                 raise ValueError(f"crop_size must be a positive integer or None, not {self.crop_size!r}")
@@ -84,6 +138,10 @@ class Preprocess:
                 raise ValueError(f"dark must be one 2-D frame, got shape {d.shape}")
             if d.dtype.kind not in "biuf":
                 raise ValueError(f"dark must be numeric, got dtype {d.dtype}")
+        if self.mask is not None:
+            m = np.asarray(self.mask)
+            if m.ndim != 2 or m.dtype.kind not in "biuf":
+                raise ValueError(f"mask must be one 2-D numeric or boolean frame, got {m.dtype} {m.shape}")
         try:
             thr = float(self.threshold)
         except (TypeError, ValueError):
@@ -124,14 +182,17 @@ class Preprocess:
             raise ValueError(f"frames must be (H, W) or (n, H, W), got shape {raw_shape}")
         H, W = raw_shape[-2:]
         self.validate()
-        if self.dark is not None and tuple(np.shape(self.dark)) != (H, W):
-            raise ValueError(f"dark frame shape {tuple(np.shape(self.dark))} differs from the "
-                             f"raw frame shape {(H, W)}")
+        for name in _ARRAY_FIELDS:
+            arr = getattr(self, name)
+            if arr is not None and tuple(np.shape(arr)) != (H, W):
+                raise ValueError(f"{name} frame shape {tuple(np.shape(arr))} differs from the "
+                                 f"raw frame shape {(H, W)}")
         _, _, h, w = self._window(H, W)
         b = int(self.bin)
         if h % b or w % b:
             raise ValueError(f"frame region ({h}, {w}) is not a multiple of bin {b}")
-        return raw_shape[:-2] + (h // b, w // b)
+        oh, ow = (w // b, h // b) if self.transpose else (h // b, w // b)
+        return raw_shape[:-2] + (oh, ow)
 
     def fit_to(self, raw_shape: tuple[int, ...], model_shape: tuple[int, int],
                max_bin: int = 16) -> "Preprocess":
@@ -174,7 +235,7 @@ class Preprocess:
         """Cached (row index, col index, dark crop) for a raw frame size."""
         key = (H, W, bool(self.fftshift), self.crop_size,
                None if self.crop_center is None else tuple(self.crop_center), int(self.bin),
-               id(self.dark))
+               id(self.dark), id(self.mask))
         cache = self.__dict__.setdefault("_plan_cache", {})
         plan = cache.get(key)
         if plan is not None:
@@ -193,7 +254,12 @@ class Preprocess:
         if self.dark is not None:
             dark = _take(np.asarray(self.dark, dtype=np.float32)[None], rows, cols)[0]
             dark = np.ascontiguousarray(dark)
-        plan = (rows, cols, dark, h, w)
+        bad = None
+        if self.mask is not None:
+            bad = np.ascontiguousarray(_take(np.asarray(self.mask)[None] != 0, rows, cols)[0])
+            if not bad.any():
+                bad = None
+        plan = (rows, cols, dark, bad, h, w)
         cache.clear()
         cache[key] = plan
         return plan
@@ -210,24 +276,29 @@ class Preprocess:
         if frames.dtype.kind not in "biuf":
             raise ValueError(f"frames must be numeric, got dtype {frames.dtype}")
         n, H, W = frames.shape
-        rows, cols, dark, h, w = self._plan(H, W)
+        rows, cols, dark, bad, h, w = self._plan(H, W)
         b = int(self.bin)
-        oshape = (n, h // b, w // b)
+        oshape = (n, *self.output_shape((H, W)))
         if out is None:
             out = np.empty(oshape, dtype=np.float32)
         elif out.shape != oshape or out.dtype != np.float32:
             raise ValueError(f"out must be float32 {oshape}, got {out.dtype} {out.shape}")
+        final = out
+        if self.transpose or self.flip_y or self.flip_x:  # worked on unoriented, copied oriented at the end
+            out = np.empty((n, h // b, w // b), dtype=np.float32)
         region = _take(frames, rows, cols)
         thr = float(self.threshold)
         # per-pixel work (dark, threshold) is skipped when it cannot change anything:
         # unsigned counts are never below a threshold <= 0
-        pixel_ops = dark is not None or not (thr <= 0.0 and frames.dtype.kind in "ub")
+        pixel_ops = dark is not None or bad is not None or not (thr <= 0.0 and frames.dtype.kind in "ub")
         if pixel_ops or b == 1:
             work = out if b == 1 else np.empty((n, h, w), dtype=np.float32)
             if dark is not None:
                 np.subtract(region, dark, out=work, dtype=np.float32, casting="unsafe")
             else:
                 work[...] = region
+            if bad is not None:
+                work[:, bad] = 0.0
             if pixel_ops and thr == 0.0:
                 np.maximum(work, 0.0, out=work)
             elif pixel_ops:
@@ -251,12 +322,51 @@ class Preprocess:
                 norm = flat.mean(axis=1, dtype=np.float64).astype(np.float32)
             norm[~(norm > 0)] = 1.0  # empty (all-zero) frames stay zero
             out /= norm[:, None, None]
-        return out[0] if single else out
+        if out is not final:
+            view = out.transpose(0, 2, 1) if self.transpose else out
+            # a flip reverses the frequencies (k -> -k mod N: a reversal and a roll by one), as
+            # Scan.canonical_frames does, so the zero frequency stays at the crop's centre pixel;
+            # exact without binning, within half a bin with it
+            if self.flip_y:
+                view = np.roll(view[:, ::-1], 1, axis=1)
+            if self.flip_x:
+                view = np.roll(view[:, :, ::-1], 1, axis=2)
+            final[...] = view
+        return final[0] if single else final
+
+    # -- instrument and model settings -------------------------------------------------
+    def instrument(self) -> InstrumentSettings:
+        """The detector's settings (:data:`INSTRUMENT_FIELDS`): the device's, kept across a swap."""
+        return InstrumentSettings(**{k: getattr(self, k) for k in INSTRUMENT_FIELDS})
+
+    def model_settings(self) -> ModelSettings:
+        """What the network was trained with (:data:`MODEL_FIELDS`): they come with the model."""
+        return ModelSettings(**{k: getattr(self, k) for k in MODEL_FIELDS})
+
+    @classmethod
+    def join(cls, instrument: InstrumentSettings, model: ModelSettings) -> Preprocess:
+        """One Preprocess from the two kinds of setting (validated)."""
+        return cls(**{k: getattr(instrument, k) for k in INSTRUMENT_FIELDS},
+                   **{k: getattr(model, k) for k in MODEL_FIELDS}).validate()
+
+    def for_model(self, model: Preprocess) -> tuple[Preprocess, dict[str, tuple[Any, Any]]]:
+        """This device's instrument settings with ``model``'s model settings (a model swap).
+
+        Returns the joined settings and the instrument settings ``model`` names that differ from
+        this device's, ``{field: (device's, model's)}``: they are not applied (a swap never
+        changes an instrument setting), the caller says so.
+        """
+        mine, theirs = self.instrument(), model.instrument()
+        ignored = {k: (getattr(mine, k), getattr(theirs, k)) for k in INSTRUMENT_FIELDS
+                   if k not in _ARRAY_FIELDS and getattr(theirs, k) != getattr(mine, k)
+                   and getattr(theirs, k) != getattr(InstrumentSettings(), k)}
+        return Preprocess.join(mine, model.model_settings()), ignored
 
     # -- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(replace(self, dark=None)).items() if k in _JSON_FIELDS}
-        d["fftshift"] = bool(d["fftshift"])
+        d = {k: v for k, v in asdict(replace(self, dark=None, mask=None)).items() if k in _JSON_FIELDS}
+        for name in ("fftshift", "flip_y", "flip_x", "transpose"):
+            d[name] = bool(d[name])
         if d["crop_center"] is not None:
             d["crop_center"] = [int(c) for c in d["crop_center"]]
         d["threshold"] = float(d["threshold"])
@@ -272,7 +382,7 @@ class Preprocess:
         """Settings from a dict (the keys of :meth:`to_dict`); raises ValueError for bad ones."""
         if not isinstance(d, dict):
             raise ValueError(f"pre-processing settings must be a JSON object, not {type(d).__name__}")
-        names = {f.name for f in fields(cls)} - {"dark"}
+        names = {f.name for f in fields(cls)} - set(_ARRAY_FIELDS)
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown pre-processing setting(s): {', '.join(unknown)}; "

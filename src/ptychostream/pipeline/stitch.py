@@ -33,8 +33,16 @@ _log = logging.getLogger(__name__)
 
 #: order matches the PositionSource enum in db/
 SOURCES = ("Attributes", "Table", "Motors", "Trajectory")
-#: results waiting for the stitch thread before they are counted as lost
-INBOX_LIMIT = 4096
+#: the inference outputs (bytes) waiting for the stitch thread before more are counted as lost:
+#: the bound is on what the inbox holds, not on its number of batches (4096 batches of 32 frames
+#: of 128x128 phase and amplitude were 17 GB); 256 MiB is 2,048 such frames, 1.6 s at 1,250 frames/s
+INBOX_BYTES = 256 * 2**20
+#: the most messages the inbox holds (position chunks, motor samples, batches)
+INBOX_LIMIT = 65536
+#: stand-in pixel data of the frames handed to the stitch thread, which needs only their metadata
+_NO_PIXELS = np.zeros((0, 0), dtype=np.uint8)
+#: messages one pass of the stitch thread takes before it checks timeouts and the publish time
+MESSAGES_PER_PASS = 64
 
 
 @dataclass
@@ -69,6 +77,8 @@ class MosaicStage(threading.Thread):
         self.message = message
         self.settings = MosaicSettings()
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_LIMIT)
+        self._inbox_bytes = 0  # inference outputs in the inbox; += on the publisher's thread, -= here
+        self._bytes_lock = threading.Lock()
         self.joiner = PositionJoiner(timeout_s=self.settings.timeout_s)
         self.motors = TimestampMatcher(tolerance_s=0.02)
         self._motor_xy = [np.nan, np.nan]
@@ -87,12 +97,30 @@ class MosaicStage(threading.Thread):
 
     # -- any thread ---------------------------------------------------------------
     def on_result(self, result: BatchResult) -> None:
-        """Publisher listener: hand a batch to the stitch thread (never blocks)."""
-        try:
-            self.inbox.put_nowait(("batch", result))
-        except queue.Full:
-            self.lost += len(result.frames)
-            self.message(f"stitcher behind: {len(result.frames)} frame(s) not stitched", 1)
+        """Publisher listener: hand a batch to the stitch thread (never blocks).
+
+        The stitch thread gets the outputs and each frame's metadata, not the raw frames (which
+        would otherwise stay alive as long as the mosaic is behind); the inbox is bounded in the
+        bytes of those outputs (:data:`INBOX_BYTES`).
+        """
+        n = len(result.frames)
+        size = sum(a.nbytes for a in result.outputs.values())
+        with self._bytes_lock:
+            full = self._inbox_bytes > 0 and self._inbox_bytes + size > INBOX_BYTES
+            if not full:
+                self._inbox_bytes += size
+        if not full:
+            light = BatchResult([ImageFrame(_NO_PIXELS, f.unique_id, f.timestamp, f.data_timestamp, f.attributes)
+                                 for f in result.frames], result.outputs, result.latency_s, result.model_id,
+                                result.pixel_m)
+            try:
+                self.inbox.put_nowait(("batch", light, size))
+                return
+            except queue.Full:
+                with self._bytes_lock:
+                    self._inbox_bytes -= size
+        self.lost += n
+        self.message(f"stitcher behind: {n} frame(s) not stitched", 1)
 
     def add_positions(self, uids, y_m, x_m) -> None:
         self.inbox.put(("positions", np.asarray(uids), np.asarray(y_m), np.asarray(x_m)))
@@ -131,7 +159,7 @@ class MosaicStage(threading.Thread):
                 msg = None
             try:
                 if msg is not None:
-                    self._handle(msg)
+                    self._drain(msg)
                 self._expire()
                 if self._dirty and time.monotonic() >= self._next_publish:
                     self.publish()
@@ -139,14 +167,40 @@ class MosaicStage(threading.Thread):
                 _log.exception("stitch stage error")
                 self.message(f"stitch error: {exc}", 2)
 
+    def _drain(self, msg: tuple, most: int = MESSAGES_PER_PASS) -> None:
+        """Handle ``msg`` and what else is waiting (up to ``most`` in all), stitching the positioned
+        patches of consecutive batches and position chunks in one go (one canvas update)."""
+        ready: list[tuple[int, _Patch, tuple[float, float]]] = []
+        try:
+            for i in range(most):
+                if i:
+                    try:
+                        msg = self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                if msg[0] in ("batch", "positions"):
+                    ready += self._joined(msg)
+                else:  # settings, resets and snapshots see every patch that came before them
+                    ready, pending = [], ready
+                    self._stitch(pending)
+                    self._handle(msg)
+        finally:
+            self._stitch(ready)
+
+    def _joined(self, msg: tuple) -> list[tuple[int, _Patch, tuple[float, float]]]:
+        """The patches a batch or a position chunk makes ready (joined with their positions)."""
+        if msg[0] == "batch":
+            with self._bytes_lock:
+                self._inbox_bytes -= msg[2]
+            return self._on_batch(msg[1])
+        _, uids, y, x = msg
+        s = self.settings.scale
+        return self.joiner.add_positions(uids, y * s, x * s)
+
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
-        if kind == "batch":
-            self._on_batch(msg[1])
-        elif kind == "positions":
-            _, uids, y, x = msg
-            s = self.settings.scale
-            self._stitch(self.joiner.add_positions(uids, y * s, x * s))
+        if kind in ("batch", "positions"):
+            self._stitch(self._joined(msg))
         elif kind == "motor":
             _, axis, t, value = msg
             self._motor_xy[axis] = value * self.settings.scale
@@ -200,10 +254,10 @@ class MosaicStage(threading.Thread):
             return self.motors.lookup_many([f.timestamp for f in result.frames])
         return None  # Table: positions arrive by uniqueId from PositionPV
 
-    def _on_batch(self, result: BatchResult) -> None:
+    def _on_batch(self, result: BatchResult) -> list[tuple[int, _Patch, tuple[float, float]]]:
         phase = result.outputs.get("phase")
         if phase is None:
-            return
+            return []
         amp = result.outputs.get("amplitude")
         items = [_Patch(phase[i], None if amp is None else amp[i], f.timestamp, result.pixel_m)
                  for i, f in enumerate(result.frames)]
@@ -218,7 +272,7 @@ class MosaicStage(threading.Thread):
             uids = [uids[i] for i in keep]
             items = [items[i] for i in keep]
             positions = positions[keep]
-        self._stitch(self.joiner.submit(uids, items, positions))
+        return self.joiner.submit(uids, items, positions)
 
     def _expire(self) -> None:
         if self._motor_wait:
@@ -253,6 +307,18 @@ class MosaicStage(threading.Thread):
         self._errors_seen = errs
 
     def _stitch(self, ready: list[tuple[int, _Patch, tuple[float, float]]]) -> None:
+        """Place the patches, in runs of one patch shape and pixel size (a swap may change either)."""
+        start = 0
+        for i in range(1, len(ready) + 1):
+            if i == len(ready) or not self._same_kind(ready[i][1], ready[start][1]):
+                self._stitch_run(ready[start:i])
+                start = i
+
+    @staticmethod
+    def _same_kind(a: _Patch, b: _Patch) -> bool:
+        return a.phase.shape == b.phase.shape and a.pixel_m == b.pixel_m and (a.amplitude is None) == (b.amplitude is None)
+
+    def _stitch_run(self, ready: list[tuple[int, _Patch, tuple[float, float]]]) -> None:
         if not ready:
             return
         st = self.settings

@@ -1,4 +1,9 @@
-"""Iterative baselines to compare the network with: a plain numpy ePIE with a known probe."""
+"""Iterative baselines to compare the network with: a plain numpy ePIE with a known probe.
+
+A test and scoring baseline only (no probe refinement, no position correction, one CPU core):
+iterative labels for training come from pty-chi's engines, :mod:`ptychostream.iterative`
+(``ptychostream reconstruct``).
+"""
 
 from __future__ import annotations
 

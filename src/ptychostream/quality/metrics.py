@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SSIM_WIN", "ScoreError", "frc", "half_bit_threshold", "remove_plane", "score_phase"]
+__all__ = ["SSIM_WIN", "ScoreError", "frc", "frc_summary", "half_bit_threshold", "remove_plane", "score_phase",
+           "taper_mask"]
 
 SSIM_WIN = 7
 
@@ -75,7 +76,7 @@ def half_bit_threshold(n_pixels: np.ndarray) -> np.ndarray:
     return (0.2071 + 1.9102 / s) / (1.2071 + 0.9102 / s)
 
 
-def _taper(mask: np.ndarray, width: int = 4) -> np.ndarray:
+def taper_mask(mask: np.ndarray, width: int = 4) -> np.ndarray:
     """A smooth (0..1) version of a boolean mask: distance-based cosine edge of ``width`` px."""
     from scipy.ndimage import distance_transform_edt
 
@@ -105,7 +106,7 @@ def frc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None
     m = np.ones(a.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     if not m.any():
         raise ScoreError("FRC: the mask is empty")
-    taper = _taper(m, width=max(2, min(h, w) // 16))
+    taper = taper_mask(m, width=max(2, min(h, w) // 16))
     a = (a - a[m].mean()) * taper
     b = (b - b[m].mean()) * taper
     fa = np.fft.fft2(a)
@@ -114,7 +115,7 @@ def frc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None
     fx = np.fft.fftfreq(w)[None, :]
     r = np.sqrt(fy**2 + fx**2)
     step = 1.0 / min(h, w)
-    n_bins = int(round(0.5 / step))
+    n_bins = round(0.5 / step)
     k = np.floor(r / step + 0.5).astype(np.int64).ravel()  # ring k: |f| in [k-½, k+½)·step
     keep = k < n_bins + 1
     k = k[keep]
@@ -128,8 +129,11 @@ def frc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None
     return freq, curve, half_bit_threshold(count)
 
 
-def _frc_summary(freq: np.ndarray, curve: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
-    """(AUC from 0 to Nyquist normalised to 1, first ½-bit crossing in cycles/pixel)."""
+def frc_summary(freq: np.ndarray, curve: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
+    """(AUC from 0 to Nyquist normalised to 1, first crossing of ``thr`` in cycles/pixel; 0.5 = none).
+
+    The DC ring is left out; the crossing is interpolated linearly between the rings around it.
+    """
     f, c = freq[1:], curve[1:]  # the DC ring is meaningless after mean removal
     t = thr[1:]
     auc = float(np.trapezoid(c, f) / (f[-1] - f[0])) if len(f) > 1 else float(c.mean())
@@ -161,7 +165,7 @@ def _register(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, upsample: 
     t = np.where(mask, truth - truth[mask].mean(), 0.0)
     if not np.any(t):
         return recon, mask, (0.0, 0.0)
-    taper = _taper(mask, width=4)
+    taper = taper_mask(mask, width=4)
     filled = np.where(mask, recon, recon[mask].mean())
     total = np.zeros(2)
     moved, moved_mask = filled, mask
@@ -242,7 +246,7 @@ def score_phase(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = 
     mse = float(np.mean((t[m] - r[m]) ** 2))
     psnr = float(peak_signal_noise_ratio(t[m], r[m], data_range=dr)) if mse > 0 else math.inf
     freq, curve, thr = frc(r, t, m)
-    auc, half_bit = _frc_summary(freq, curve, thr)
+    auc, half_bit = frc_summary(freq, curve, thr)
     return {"ssim": ssim, "psnr": psnr, "frc_auc": auc, "frc_half_bit": half_bit, "shift": shift,
             "data_range": dr, "plane": tuple(float(c) for c in plane), "pixels": int(m.sum()),
             "frc": (freq, curve, thr)}

@@ -1,5 +1,9 @@
 """Score reconstructions: a mosaic file against a truth file, or a model on a simulated scan.
 
+Against an iterative reference (a Ptychodus product) instead of a truth:
+:func:`~ptychostream.quality.reference.score_against_product` and
+:func:`~ptychostream.quality.reference.compare_to_reference` (re-exported here).
+
 The figures (SSIM, PSNR, FRC, after registration and offset / ramp removal) come from
 :mod:`ptychostream.quality.metrics`; this module reads the mosaic (:mod:`ptychostream.files.mosaic`:
 ``/entry/mosaic`` of a record HDF5, an NPZ/HDF5 with ``phase`` (+ ``coverage``/``mask``,
@@ -27,11 +31,32 @@ from ptychostream.quality.metrics import (
     remove_plane,
     score_phase,
 )
+from ptychostream.quality.reference import (
+    ReferenceScores,
+    compare_to_reference,
+    score_against_product,
+)
 
 __all__ = [
-    "ScoreError", "MosaicFile", "frc", "half_bit_threshold", "illumination_map", "illumination_mask",
-    "load_mosaic", "place_truth", "remove_plane", "score_phase", "score_files", "score_mosaic",
-    "simulate_and_score", "simulate_scan", "stitch_patches", "epie",
+    "MosaicFile",
+    "ReferenceScores",
+    "ScoreError",
+    "compare_to_reference",
+    "epie",
+    "frc",
+    "half_bit_threshold",
+    "illumination_map",
+    "illumination_mask",
+    "load_mosaic",
+    "place_truth",
+    "remove_plane",
+    "score_against_product",
+    "score_files",
+    "score_mosaic",
+    "score_phase",
+    "simulate_and_score",
+    "simulate_scan",
+    "stitch_patches",
 ]
 
 

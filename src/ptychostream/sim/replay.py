@@ -5,7 +5,8 @@ at (H // 2, W // 2)).  Measured data stored with zero frequency at the corner ca
 with :func:`ptychostream.sim.forward.centred`; :func:`unshifted` (``np.fft.ifftshift`` over the
 last two axes) goes the other way.  Positions are (N, 2) metres ordered (y, x).
 
-The files are read by :mod:`ptychostream.files`: frames by :mod:`~ptychostream.files.frames`,
+The files are read by :mod:`ptychostream.files`: scans to replay by :mod:`~ptychostream.files.scan`
+(frames alone by :mod:`~ptychostream.files.frames`),
 position files by :mod:`~ptychostream.files.positions`, ground truth by
 :mod:`~ptychostream.files.truth` (a Ptychodus product — ``object`` 1×H×W complex64 whose centre
 pixel (H // 2, W // 2) is at position (0, 0), ``probe`` 1×1×N×N, ``probe_position_{x,y}_m`` —
@@ -23,6 +24,8 @@ import numpy as np
 from ptychostream.files.frames import FRAME_PATHS, FrameStack, read_frames
 from ptychostream.files.positions import check_positions, read_positions
 from ptychostream.files.product import Product
+from ptychostream.files.scan import read_scan
+from ptychostream.files.scandata import NoPositionsError
 from ptychostream.files.truth import read_truth, write_truth
 from ptychostream.sim.forward import (
     Geometry,
@@ -39,21 +42,27 @@ __all__ = ["FRAME_PATHS", "ReplayData", "centred", "load_frames", "read_truth_h5
 ReplayData = FrameStack
 
 
-def load_frames(path: str | Path, dataset: str | None = None, positions: Any = None) -> ReplayData:
-    """Load frames (and positions) to replay from HDF5, a PtychoNN NPZ or ``.npy``.
+def load_frames(path: str | Path, dataset: str | None = None, positions: Any = None,
+                defaults: dict[str, float] | None = None) -> ReplayData:
+    """Load frames (and positions) to replay from any scan file :func:`ptychostream.files.scan.read_scan` reads.
 
-    HDF5: ``dataset`` (or ``path::dataset``), else the first of :data:`FRAME_PATHS` present;
-    positions from ``probe_position_y_m`` / ``probe_position_x_m`` in the same file.  NPZ:
-    ``reciprocal`` frames and ``position`` (N, 2) (y, x); positions larger than 1 cm are taken
-    as pixels and multiplied by ``pixelsize`` when the file has one.  ``positions`` overrides
-    the file's positions: a position file (Ptychodus product, NPZ, CSV, NPY; see
-    :func:`ptychostream.files.positions.read_positions`) or an (N, 2) array in metres.
-    Frames of more than three dimensions are flattened to (N, H, W).  NaN positions are kept
-    (frames without a position).
+    PtychoNN and Tike NPZ, CXI, our capture record, HDF5 (``dataset`` or ``path::dataset``, else
+    the first of :data:`FRAME_PATHS` present; positions ``probe_position_y_m`` /
+    ``probe_position_x_m`` in the same file) and ``.npy``: the frames as stored (a corner-origin
+    file replays corner-origin frames) and the positions in metres (pixels converted with the
+    file's pixel size or geometry).  A file without positions replays its frames alone (positions
+    None).  ``positions`` overrides the file's positions: a position file (Ptychodus product, NPZ,
+    CSV, NPY; see :func:`ptychostream.files.positions.read_positions`) or an (N, 2) array in
+    metres; NaN rows are kept then (frames without a position).  ``defaults``: geometry for a file
+    that has none (see :func:`~ptychostream.files.scan.read_scan`), e.g. to convert pixel positions.
     """
-    data = read_frames(path, dataset)
     if positions is None:
-        return data
+        try:
+            scan = read_scan(path, defaults=defaults, **({"dataset": dataset} if dataset else {}))
+        except NoPositionsError as exc:
+            return ReplayData(exc.scan.frames, None, exc.scan.source)
+        return ReplayData(scan.frames, scan.positions_m, scan.source)
+    data = read_frames(path, dataset)
     if isinstance(positions, (str, Path)):
         pos = read_positions(positions, allow_nan=True)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from ptychostream.model.network import HEADS, NetworkError, import_torch
 
 __all__ = [
     "TRAIN_KINDS", "KIND_WEIGHTS", "PRECISIONS", "CHECKPOINT_NAME", "TrainError", "TrainConfig", "torch_module",
-    "check_finite", "crop_centre", "probe_weight", "auto_output_size",
+    "check_finite", "crop_centre", "probe_weight", "auto_output_size", "amplitude_scale_for",
 ]
 
 #: object families used for training (digits and siemens are held out for the demo)
@@ -81,12 +82,22 @@ class TrainConfig:
     name: str | None = None
     init: str | None = None
     precision: str = "fp32"
+    #: the amplitude head is ``amp_scale`` × sigmoid, so it can give amplitudes above 1 (None: from the
+    #: labels, at least 1, or the --init model's); recorded as ``net.amplitude_scale`` in the metadata
+    amp_scale: float | None = None
+    #: the --init model may have another object pixel and pre-processing (a model moved to another
+    #: instrument: its weights are a starting point, the run's own pre-processing and pixel are kept)
+    retarget: bool = False
+    #: seconds of a --budget kept for the last evaluation and the export
+    budget_reserve_s: float = 60.0
+    #: the mosaic offset the model asks the live stitcher for (``ptychostream.stitch``)
+    stitch_offset: str = "overlap"
 
     def key(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed (not output/device/limits)."""
         d = asdict(self)
         for k in ("output", "device", "threads", "checkpoint", "time_limit_s", "budget_s", "name", "epochs",
-                  "precision"):
+                  "precision", "budget_reserve_s", "stitch_offset"):
             d.pop(k)
         return json.loads(json.dumps(d))
 
@@ -142,3 +153,14 @@ def auto_output_size(probe: np.ndarray | None, size: int, depth: int, energy: fl
         if float(crop_centre(inten, out).sum()) >= energy * total:
             return out
     return size
+
+
+def amplitude_scale_for(amplitudes: np.ndarray | None, headroom: float = 1.25, step: float = 0.25) -> float:
+    """The amplitude head's scale for these labels: 1 when they stay at or below 1, else their 99.9th
+    percentile × ``headroom``, rounded up to a multiple of ``step`` (a sigmoid never reaches its top)."""
+    if amplitudes is None or np.size(amplitudes) == 0:
+        return 1.0
+    peak = float(np.percentile(np.asarray(amplitudes, dtype=np.float32), 99.9))
+    if not math.isfinite(peak) or peak <= 1.05:  # resampling rings a little above 1
+        return 1.0
+    return float(math.ceil(peak * headroom / step) * step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,8 @@ from ptychostream.train.config import (
     crop_centre,
 )
 
+__all__ = ["Batch", "SimSource", "ArraySource", "load_pairs", "resample_patches", "fit_labels", "targets"]
+
 
 @dataclass
 class Batch:
@@ -29,8 +32,9 @@ class Batch:
     amplitude: np.ndarray | None  # (n, 1, o, o) float32
 
 
-def _targets(patches_phase: np.ndarray, patches_amp: np.ndarray | None, out: int,
-             weight: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def targets(patches_phase: np.ndarray, patches_amp: np.ndarray | None, out: int,
+            weight: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training targets (n, 1, out, out): the central phase less its ``weight``-ed mean, and the amplitude."""
     ph = crop_centre(patches_phase, out).astype(np.float32)
     mean = (ph * weight).sum(axis=(-2, -1), keepdims=True) / weight.sum()
     ph = ph - mean
@@ -117,7 +121,7 @@ class SimSource:
             patches[sel] = sim.patches(slice(None))
         counts = rng.poisson(frames * photons[:, None, None].astype(np.float32)).astype(np.float32)
         x = self.pre.apply(counts)[:, None]
-        ph, amp = _targets(np.angle(patches), np.abs(patches) if "amplitude" in self.cfg.heads else None,
+        ph, amp = targets(np.angle(patches), np.abs(patches) if "amplitude" in self.cfg.heads else None,
                            self.out, self.weight)
         return Batch(np.ascontiguousarray(x, dtype=np.float32), ph, amp)
 
@@ -140,7 +144,7 @@ class ArraySource:
         self.weight = weight
         n = len(frames)
         x = pre.apply(frames)[:, None].astype(np.float32)
-        ph, am = _targets(phase, amp, out, weight)
+        ph, am = targets(phase, amp, out, weight)
         rng = np.random.default_rng([cfg.seed, 5])
         order = rng.permutation(n)
         n_val = int(round(cfg.val_fraction * n)) if n >= 10 else 0
@@ -174,6 +178,58 @@ class ArraySource:
         if len(self.val_idx) == 0:
             return None
         return self._take(self.val_idx[:n])
+
+
+# --------------------------------------------------------------------------- labels
+def resample_patches(patches: np.ndarray, out: int, zoom: float = 1.0, order: int = 1) -> np.ndarray:
+    """Patches (N, h, w) resampled by ``zoom`` (label pixel / wanted pixel) to the central (N, out, out).
+
+    Centre pixel (h // 2, w // 2) stays the centre (out // 2, out // 2); with ``zoom`` 1 and
+    ``out`` <= h, w this is a centre crop.  Complex patches are resampled as a complex field (a
+    phase wrap costs nothing), real ones as they are (``scipy.ndimage.map_coordinates``, spline
+    ``order``).  ValueError if the resampled patch does not cover ``out`` pixels.
+    """
+    arr = np.asarray(patches)
+    if arr.ndim != 3:
+        raise ValueError(f"patches must be (N, h, w), got shape {arr.shape}")
+    n, h, w = arr.shape
+    if not (math.isfinite(zoom) and zoom > 0):
+        raise ValueError(f"zoom must be a positive number, got {zoom!r}")
+    if abs(zoom - 1.0) < 1e-6:
+        if out > min(h, w):
+            raise ValueError(f"{h}x{w} labels cannot give {out}x{out} outputs at the same pixel")
+        return np.ascontiguousarray(crop_centre(arr, out))
+    reach = (out // 2) / zoom, (out - 1 - out // 2) / zoom
+    if h // 2 - reach[0] < -0.5 or h // 2 + reach[1] > h - 0.5 or w // 2 - reach[0] < -0.5 \
+            or w // 2 + reach[1] > w - 0.5:
+        raise ValueError(f"{h}x{w} labels resampled by {zoom:.4g} do not cover {out}x{out} outputs")
+    from scipy.ndimage import map_coordinates
+
+    axis = (np.arange(out) - out // 2) / zoom
+    rr, cc = np.meshgrid(h // 2 + axis, w // 2 + axis, indexing="ij")
+    parts = (arr.real, arr.imag) if np.iscomplexobj(arr) else (arr,)
+    res = []
+    for part in parts:
+        stack = np.empty((n, out, out), dtype=np.float32)
+        for k in range(n):
+            stack[k] = map_coordinates(part[k].astype(np.float64), [rr, cc], order=order, mode="nearest")
+        res.append(stack)
+    return (res[0] + 1j * res[1]).astype(np.complex64) if len(res) == 2 else res[0]
+
+
+def fit_labels(phase: np.ndarray, amp: np.ndarray | None, out: int, zoom: float = 1.0
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Phase (and amplitude) labels of any size mapped to the model's (N, out, out) output patches.
+
+    ``zoom`` = the labels' pixel / the model's pixel.  The labels are resampled as the complex field
+    amp·exp(i·phase) (phase wraps are safe), so phase and amplitude stay consistent.
+    """
+    if abs(zoom - 1.0) < 1e-6:
+        return (resample_patches(phase, out).astype(np.float32),
+                None if amp is None else resample_patches(amp, out).astype(np.float32))
+    field = (np.ones_like(phase) if amp is None else amp) * np.exp(1j * np.asarray(phase, dtype=np.float64))
+    res = resample_patches(field.astype(np.complex64), out, zoom)
+    return np.angle(res).astype(np.float32), (None if amp is None else np.abs(res).astype(np.float32))
 
 
 # --------------------------------------------------------------------------- files

@@ -28,14 +28,21 @@ from ptychostream.train.config import (
     PRECISIONS,
     TrainConfig,
     TrainError,
+    amplitude_scale_for,
     auto_output_size,
     probe_weight,
     torch_module,
 )
-from ptychostream.train.data import ArraySource, Batch, SimSource, load_pairs
+from ptychostream.train.data import (
+    ArraySource,
+    Batch,
+    SimSource,
+    fit_labels,
+    load_pairs,
+)
 from ptychostream.train.export import export_onnx
 
-__all__ = ["train", "warm_start", "make_source"]
+__all__ = ["train", "warm_start", "make_source", "scale_amplitude"]
 
 
 def _array_sha(arr: np.ndarray) -> str:
@@ -98,10 +105,6 @@ def make_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
             n_in = cfg.size
     except ValueError as exc:
         raise TrainError(f"the frames ({H}x{W}) cannot feed a {cfg.size}x{cfg.size} model: {exc}") from None
-    lh, lw = pairs["phase"].shape[1:]
-    if (lh, lw) != (cfg.size, cfg.size):
-        raise TrainError(f"the labels are {lh}x{lw} but the model works on {cfg.size}x{cfg.size} patches; "
-                         f"pass --size {lh} (and frames that crop/bin to it)")
     if "amplitude" in cfg.heads and pairs["amp"] is None:
         raise TrainError("the files hold phase labels only; train with --heads phase")
     file_probe: np.ndarray | None = pairs["probe"]
@@ -109,12 +112,23 @@ def make_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
         file_probe = None
     out = auto_output_size(file_probe, n_in, cfg.depth) if cfg.output_size == "auto" else int(cfg.output_size)
     weight = probe_weight(file_probe, cfg.size, out, cfg.loss_floor)
-    arrays = ArraySource(cfg, frames, pairs["phase"], pairs["amp"] if "amplitude" in cfg.heads else None,
-                         pre, out, weight, {"source": "files", "files": pairs["desc"], "pairs": int(len(frames))})
-    pixel = cfg.pixel_m or pairs["pixel_m"]
+    # labels of any size: resampled to the model's pixel (when both pixels are known), then the central
+    # output patch is kept
+    label_px, pixel = pairs["pixel_m"], cfg.pixel_m or pairs["pixel_m"]
+    zoom = label_px / pixel if label_px and pixel else 1.0
+    amp = pairs["amp"] if "amplitude" in cfg.heads else None
+    try:
+        phase, amp = fit_labels(pairs["phase"], amp, out, zoom)
+    except ValueError as exc:
+        lh, lw = pairs["phase"].shape[1:]
+        raise TrainError(f"the {lh}x{lw} labels cannot feed {out}x{out} outputs: {exc}; pass --output-size "
+                         f"{min(lh, lw) if zoom == 1 else 'smaller'} or labels that cover the output") from None
+    arrays = ArraySource(cfg, frames, phase, amp, pre, out, weight,
+                         {"source": "files", "files": pairs["desc"], "pairs": int(len(frames)),
+                          "label_zoom": round(float(zoom), 6)})
     probe_id = f"files-{_array_sha(file_probe)}" if file_probe is not None else "unknown"
     return arrays, {"pre": pre, "pixel_m": pixel, "probe_id": probe_id, "out": out, "input": n_in,
-                    "geometry": None}
+                    "geometry": None, "amp_scale": amplitude_scale_for(amp)}
 
 
 def _scheduler(torch: Any, opt: Any, cfg: TrainConfig, total: int) -> Any:
@@ -174,14 +188,23 @@ def _save_checkpoint(torch: Any, folder: Path, state: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
-def _check_init(init: str, facts: dict[str, Any]) -> ModelInfo:
-    """The --init model must take the same input as this run (pre-processing, pixel); returns its ModelInfo."""
+def _check_init(init: str, facts: dict[str, Any], retarget: bool = False) -> ModelInfo:
+    """The --init model must take the same input as this run (pre-processing, pixel); returns its ModelInfo.
+
+    With ``retarget`` only the network input size must agree: the model is moved to another instrument.
+    """
     try:
         info = load_model_file(init)
     except ModelError as exc:
         raise TrainError(f"--init: {exc}") from None
     if info.kind != "onnx":
         raise TrainError(f"--init {init}: training continues from an ONNX model, not an engine")
+    if retarget:
+        n = int(facts["input"])
+        if tuple(info.input_shape) != (n, n):
+            raise TrainError(f"--init {init}: its input is {info.input_shape[0]}x{info.input_shape[1]}, "
+                             f"this run feeds {n}x{n}")
+        return info
     want, have = facts["pre"].to_dict(), info.preprocess.to_dict()
     bad = [f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in sorted(want) if have.get(k) != want.get(k)]
     if bad:
@@ -281,8 +304,44 @@ def warm_start(net: Any, path: str | Path, x: Any) -> float:
     return max(float(np.max(np.abs(a - b))) for a, b in zip(want, got))
 
 
-def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str, Any]:
-    """Train as configured, export ``cfg.output`` and return a summary (also stored in the model)."""
+def scale_amplitude(net: Any, scale: float) -> Any:
+    """``net`` with its amplitude head multiplied by ``scale`` (amplitudes up to ``scale``); ``net``
+    itself when the scale is 1 or there is no amplitude head.
+
+    The wrapper keeps ``config`` (with ``amplitude_scale``), ``heads`` and ``layout``; the export
+    writes a Mul after the head's sigmoid, so any ONNX runtime serves the scaled amplitude.
+    """
+    torch = torch_module()
+    heads = tuple(net.heads)
+    if "amplitude" not in heads or abs(float(scale) - 1.0) < 1e-9:
+        return net
+    k = heads.index("amplitude")
+    nn: Any = torch.nn
+
+    class ScaledAmplitude(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.heads, self.layout = net.heads, net.layout
+            self.config = {**net.config, "amplitude_scale": float(scale)}
+            self.register_buffer("scale", torch.tensor(float(scale)))
+
+        def forward(self, x: Any) -> tuple[Any, ...]:
+            outs = list(self.net(x))
+            outs[k] = outs[k] * self.scale
+            return tuple(outs)
+
+    return ScaledAmplitude()
+
+
+def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tuple[Any, dict[str, Any]] | None = None,
+          on_progress: Any = None) -> dict[str, Any]:
+    """Train as configured, export ``cfg.output`` and return a summary (also stored in the model).
+
+    ``source``: a prepared (data source, facts) pair (as :func:`make_source` returns; the adapt
+    command builds its own from a scan) instead of ``cfg.data``.  ``on_progress(fraction)`` is
+    called after every step with the fraction of the run done (steps or the budget's clock).
+    """
     torch = torch_module()
     out_path = Path(cfg.output)
     _check_output_path(out_path)
@@ -308,15 +367,28 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     np.random.seed(cfg.seed % 2**32)
 
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    src, facts = make_source(cfg)
+    src, facts = source if source is not None else make_source(cfg)
     out = facts["out"]
-    parent = _check_init(cfg.init, facts) if cfg.init else None
+    parent = _check_init(cfg.init, facts, cfg.retarget) if cfg.init else None
     # channels-last convolutions run about 1.7x faster on CPUs (oneDNN) and suit tensor cores
     try:
         net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out)
     except NetworkError as exc:
         raise TrainError(str(exc)) from None
-    net = net.to(device, memory_format=torch.channels_last)
+    amp_scale = init_scale = 1.0
+    if "amplitude" in heads:
+        if parent is not None:
+            init_scale = float(((parent.training or {}).get("net") or {}).get("amplitude_scale", 1.0))
+        if cfg.amp_scale is not None:
+            if not (math.isfinite(cfg.amp_scale) and cfg.amp_scale >= 1.0):
+                raise TrainError(f"--amp-scale must be a number >= 1, got {cfg.amp_scale!r}")
+            amp_scale = float(cfg.amp_scale)
+        else:
+            amp_scale = max(float(facts.get("amp_scale", 1.0)), init_scale)
+    base_net = net
+    net = scale_amplitude(net, amp_scale).to(device, memory_format=torch.channels_last)
+    # the --init file is reproduced with its own amplitude scale (the weights are shared)
+    init_net = net if init_scale == amp_scale else scale_amplitude(base_net, init_scale)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     steps_per_epoch = src.steps_per_epoch(cfg.batch)
     total = steps_per_epoch * cfg.epochs
@@ -357,7 +429,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
 
     init_info = None
     if cfg.init and parent is not None and state is None:
-        diff = warm_start(net, cfg.init, to_dev(val if val is not None else src.batch(0, cfg.batch))["x"])
+        diff = warm_start(init_net, cfg.init, to_dev(val if val is not None else src.batch(0, cfg.batch))["x"])
         if not diff <= 1e-3:
             raise TrainError(f"--init {cfg.init}: the network does not reproduce the file (max |diff| {diff:.3g})")
         init_info = {"file": Path(cfg.init).name, "sha256": parent.sha256, "max_abs_diff": diff}
@@ -418,7 +490,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
     if cfg.budget_s:
         # a one-cycle schedule on the clock instead of the step count: it fills the budget whatever
         # the machine's speed (the number of steps done is recorded in the model)
-        budget = max(10.0, float(cfg.budget_s) - 60.0)  # leave time for the last evaluation and export
+        # leave time for the last evaluation and export
+        budget = max(min(10.0, float(cfg.budget_s)), float(cfg.budget_s) - float(cfg.budget_reserve_s))
         sched = _ClockSchedule(opt, cfg.lr, lambda: clock() / budget)
         total = 0
     else:
@@ -448,6 +521,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
             one_step(step)
             sched.step()
             step += 1
+            if on_progress is not None:
+                on_progress(min(1.0, step / total if budget is None else clock() / budget))
             done = step >= total if budget is None else clock() >= budget
             if bar is not None:
                 bar.update(task, completed=step if budget is None else clock(), info=" ".join(f"{k[:3]} {v:.4f}" for k, v in running.items())
@@ -508,7 +583,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None) -> dict[str,
         "ptychostream.probe_id": facts["probe_id"],
         "ptychostream.training": summary,
         # a hint for the live mosaic: patches this small stitch better with offset "overlap"
-        "ptychostream.stitch": {"offset": "overlap", "window": "hann"},
+        "ptychostream.stitch": {"offset": cfg.stitch_offset, "window": "hann"},
     }
     if facts["pixel_m"]:
         meta["ptychostream.pixel_m"] = repr(float(facts["pixel_m"]))
