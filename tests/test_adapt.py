@@ -164,6 +164,37 @@ def test_probe_centric_pairs_use_the_given_probe_and_all_its_modes():
     assert mb.x.shape == (16, 1, n, n) and np.array_equal(mb.x[:12], pairs_only.x)
 
 
+def test_hot_pixels_are_found_and_cleaned():
+    from ptychostream.train.instrument import bad_pixels, clean_frames
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] - SIZE // 2
+    frames = rng.poisson(1e4 * np.exp(-(xx**2 + yy**2) / 18.0) + 2.0, (20, SIZE, SIZE)).astype(np.float32)
+    frames[:, 3, 5] = 2**20  # hot in every frame
+    frames[:, 28, 30] = 5e3
+    bad = bad_pixels(frames)
+    assert set(map(tuple, np.argwhere(bad))) == {(3, 5), (28, 30)}  # the bright centre is not "hot"
+    med = clean_frames(frames, bad, "median")
+    assert med[:, 3, 5].max() < 20 and np.array_equal(med[:, ~bad], frames[:, ~bad])
+    assert (clean_frames(frames, bad, "zero")[:, bad] == 0).all()
+
+
+def test_reference_object_never_shows_the_heldout_region():
+    from ptychostream.train.instrument import heldout_split, reference_object
+
+    obj = np.exp(1j * np.random.default_rng(2).uniform(-1, 1, (60, 100))).astype(np.complex64)
+    px = 1e-8
+    pos = wide_raster(4, 10, 6 * px)
+    split = heldout_split(pos, 0.25, "right", 3 * px)
+    ref = reference_object(Product(obj, px, (0.0, 0.0)), split, pos, px)
+    assert ref is not None
+    cut = 50 + int(np.floor(split.threshold_m / px))  # first held-out column of the object
+    assert np.array_equal(ref.object[:, :cut], obj[:, :cut])
+    assert np.array_equal(ref.object[:, cut:cut + 10], obj[:, cut - 1:cut - 11:-1])  # a mirror of the training side
+    assert ref.box_m[3] < split.threshold_m
+    assert reference_object(Product(obj, 2 * px, (0.0, 0.0)), split, pos, px) is None  # another pixel
+
+
 # --------------------------------------------------------------------------- amplitude above 1
 def test_amplitude_above_one_survives_export_and_serving(tmp_path):
     pytest.importorskip("torch")
@@ -224,6 +255,7 @@ def test_adapt_offline_writes_the_report_and_decides(scan_files, tmp_path):
     status = tmp_path / "status.json"
     before = sha(scan_files["serving"])
     rc = run_cli(str(scan_files["scan"]), "--reference", str(scan_files["ref"]), "--init", str(scan_files["serving"]),
+                 "--truth", str(scan_files["ref"]), "--offset", "mean",
                  "--out", str(out), "--status-file", str(status), "--mode", "pairs", "--epochs", "8",
                  "--batch", "16", "--lr", "5e-3", "--threads", "1", "-q")
     assert rc == 0
@@ -240,6 +272,9 @@ def test_adapt_offline_writes_the_report_and_decides(scan_files, tmp_path):
     old, adapted = res["scores"]["serving"], res["scores"]["adapted"]
     assert adapted["bandpass_corr"] > old["bandpass_corr"] + 0.2  # the poor serving model is beaten
     assert res["better"] is True and res["swapped"] is False and "better on the held-out" in res["reason"]
+    vs_truth = res["scores_vs_truth"]  # --truth: the same figures against it (here the reference is the truth)
+    assert vs_truth["reference"]["ssim"] > 0.99
+    assert vs_truth["adapted"]["bandpass_corr"] > vs_truth["serving"]["bandpass_corr"] + 0.2
     from ptychostream.model.infer import open_model
 
     with open_model(new, backend="ONNXRuntime-CPU", threads=1) as m:

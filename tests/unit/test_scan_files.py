@@ -270,3 +270,19 @@ def test_ptychodus_beamline_readers(tmp_path):
     np.testing.assert_allclose(s.positions_m, POS_M[::-1])  # joined by the frames' indexes
     with pytest.raises(ValueError, match="no Ptychodus diffraction file reader 'nope'"):
         read_scan(tmp_path / "diffraction.npz", reader="nope")
+
+
+def test_the_origin_guess_is_not_fooled_by_hot_pixels():
+    """Hot pixels (constant, 2000 times brighter than the zero frequency) near the centre of
+    corner-origin frames whose central speckle spans a few pixels, as measured ones do: the guess
+    still says corner, and centre for the same frames centred."""
+    from ptychostream.files.scandata import guess_origin
+
+    yy, xx = np.mgrid[:H, :H] - H // 2
+    centred = RNG.poisson(2.0, (N, H, H)) + 500.0 * np.exp(-(yy ** 2 + xx ** 2) / 4.0)
+    corner = np.fft.ifftshift(centred, axes=(-2, -1))
+    corner[:, H // 2 - 1, H // 2 + 2] = 2 ** 20
+    corner[:, H // 2 + 3, H // 2 - 2] = 2 ** 20
+    assert guess_origin(corner) == "corner"
+    centred[:, 1, 2] = 2 ** 20  # and one near the corner
+    assert guess_origin(centred) == "centre"

@@ -216,6 +216,7 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         instrument_source,
         is_better,
         label_patches,
+        reference_object,
     )
     from ptychostream.train.loop import train
 
@@ -332,7 +333,9 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         name=args.name or f"adapted-{Path(args.scan).stem}", val=args.val,
         epochs=args.epochs or 1, budget_s=None if args.epochs else train_s, budget_reserve_s=0.0)
     source = instrument_source(cfg, frames=frames[split.train], labels=labels, probe=probe, pixel_m=pixel,
-                               pre=pre, out=out, mode=args.mode, mix=args.mix, bad=bad)
+                               pre=pre, out=out, mode=args.mode, mix=args.mix, bad=bad,
+                               reference=reference_object(reference, split, label_pos, pixel),
+                               reference_share=args.reference_share)
     status.update("train", 0.0, f"training ({args.mode}) from {Path(init).name}")
 
     def step(fraction: float) -> None:
@@ -445,8 +448,8 @@ def add_adapt_parser(sub: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("scan and reference")
     g.add_argument("--reference", metavar="PRODUCT.h5", help="an iterative result to use instead of running pty-chi")
     g.add_argument("--engine", default="lsqml", choices=("lsqml", "epie", "dm"), help="pty-chi engine (default lsqml)")
-    g.add_argument("--iterations", type=int, default=100, help="pty-chi iterations (default 100)")
-    g.add_argument("--probe-modes", type=int, default=1, help="probe modes to reconstruct (default 1)")
+    g.add_argument("--iterations", type=int, default=60, help="pty-chi iterations (default 60)")
+    g.add_argument("--probe-modes", type=int, default=2, help="probe modes to reconstruct (default 2)")
     g.add_argument("--truth", metavar="PRODUCT.h5", help="a simulation's truth (e.g. foreign-truth.h5): the report "
                    "adds both models' (and the reference's) held-out scores against it")
     g.add_argument("--bad-pixels", default="auto", choices=("auto", "none"),
@@ -461,10 +464,14 @@ def add_adapt_parser(sub: Any) -> argparse.ArgumentParser:
                    help="the scan's own pairs, probe-centric synthetic pairs, or both (default mixed)")
     g.add_argument("--mix", type=float, default=0.3,
                    help="synthetic fraction of each batch in mixed mode (default 0.3)")
-    g.add_argument("--budget-min", type=float, default=15.0, help="time for the whole run, minutes (default 15)")
+    g.add_argument("--reference-share", type=float, default=0.0,
+                   help="share of the synthetic patches cut from the reference's object (its training side, any "
+                        "of 8 orientations) instead of generated objects (default 0)")
+    g.add_argument("--budget-min", type=float, default=11.0,
+                   help="wall time for the whole run, minutes (default 11: about 20 CPU minutes on 2 cores)")
     g.add_argument("--epochs", type=int, help="train this many epochs instead of filling the budget")
-    g.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     g.add_argument("--amp-scale", type=float, help="amplitude head scale (default: from the labels, at least 1)")
     g.add_argument("--val", type=int, default=64, help="validation pairs from the training region (default 64)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -475,8 +482,8 @@ def add_adapt_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--heldout", type=float, default=0.25, help="fraction of the scanned extent held out (default 0.25)")
     g.add_argument("--side", default="right", choices=tuple(SIDES), help="where the held-out region is (default right)")
     g.add_argument("--guard-m", type=float, help="gap between training and held-out frames (default half a patch)")
-    g.add_argument("--offset", default="mean", choices=("mean", "overlap", "none"),
-                   help="mosaic offset for the scores, and the new model's stitch hint (default mean)")
+    g.add_argument("--offset", default="overlap", choices=("mean", "overlap", "none"),
+                   help="mosaic offset for the scores, and the new model's stitch hint (default overlap)")
     g.add_argument("--metric", default="bandpass_corr", choices=METRICS,
                    help="what decides: the band-pass correlation (default), SSIM, or both")
     g.add_argument("--margin", type=float, default=0.0,

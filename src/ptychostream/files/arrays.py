@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ptychostream.files.errors import FileFormatError
 
-__all__ = ["as_frame_stack", "first_layer", "first_value"]
+__all__ = ["as_frame_stack", "first_layer", "first_value", "open_npz"]
 
 
 def first_value(value: Any) -> float:
@@ -36,3 +37,12 @@ def as_frame_stack(arr: Any, where: str) -> np.ndarray:
     if a.ndim < 2:
         raise FileFormatError(f"{where}: frames must be 2-D or more, got shape {a.shape}")
     return a
+
+
+def open_npz(file: Path) -> Any:
+    """``np.load`` of an NPZ file without pickles (an ``NpzFile``, to use in a ``with``);
+    :class:`FileFormatError` naming the file when it is not one."""
+    try:
+        return np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(f"{file}: cannot read as NPZ ({exc})") from None

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ptychostream.files.arrays import as_frame_stack, first_value
+from ptychostream.files.arrays import as_frame_stack, first_value, open_npz
 from ptychostream.files.errors import FileFormatError
 from ptychostream.files.positions import as_yx
 from ptychostream.files.scandata import Parsed, Scan, complete, origin_name
@@ -61,11 +61,7 @@ def parse_npz(path: str | Path) -> Parsed:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"scan file not found: {file}")
-    try:
-        z = np.load(file, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(f"{file}: cannot read as NPZ ({exc})") from None
-    with z:
+    with open_npz(file) as z:
         keys = list(z.files)
         layout = npz_layout(keys, str(file))
         frames_key, pos_key = NPZ_LAYOUTS[layout]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ptychostream.files.arrays import as_frame_stack, first_value
+from ptychostream.files.arrays import as_frame_stack, first_value, open_npz
 from ptychostream.files.errors import FileFormatError
 from ptychostream.files.positions import as_yx
 
@@ -85,11 +85,7 @@ def read_pairs(path: str | Path, *, labels: bool = True, frames_key: str = RECIP
     Raises :class:`FileFormatError` (a ``ValueError``) naming the file, the key and what was expected.
     """
     file = Path(path)
-    try:
-        z = np.load(file, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(f"{file}: cannot read as NPZ ({exc})") from None
-    with z:
+    with open_npz(file) as z:
         keys = list(z.files)
         if not keys:
             raise FileFormatError(f"{file}: the NPZ file is empty (no arrays)")

@@ -147,11 +147,14 @@ def guess_origin(frames: np.ndarray) -> Origin:
     """Where the zero frequency of ``frames`` (N, H, W) sits, from the brightest pixel of the mean frame.
 
     ``"corner"`` when that pixel is nearer (with wrap-around) to (0, 0) than to (H // 2, W // 2).
-    The mean frame is median-filtered (3x3, wrapping) first, so isolated hot pixels do not decide.
+    The brightest pixel is taken on the log of the mean frame smoothed over a few pixels
+    (Gaussian, sigma 2 px, wrapping), so a few hot pixels do not decide: on a log scale a lone
+    pixel, however bright, weighs little against the neighbourhood of the zero frequency.
     """
-    from scipy.ndimage import median_filter
+    from scipy.ndimage import gaussian_filter
 
-    mean = median_filter(np.asarray(frames[:_GUESS_FRAMES], dtype=np.float64).mean(axis=0), size=3, mode="wrap")
+    mean = np.asarray(frames[:_GUESS_FRAMES], dtype=np.float64).mean(axis=0)
+    mean = gaussian_filter(np.log1p(np.maximum(mean, 0.0)), sigma=2.0, mode="wrap")
     h, w = mean.shape
     iy, ix = np.unravel_index(int(np.argmax(mean)), mean.shape)
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SSIM_WIN", "ScoreError", "frc", "frc_summary", "half_bit_threshold", "remove_plane", "score_phase",
-           "taper_mask"]
+__all__ = ["SSIM_WIN", "ScoreError", "frc", "frc_summary", "half_bit_threshold", "masked_box", "remove_plane",
+           "score_phase", "taper_mask"]
 
 SSIM_WIN = 7
 
@@ -188,6 +188,25 @@ def _register(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, upsample: 
     return moved, mask & moved_mask, (float(total[0]), float(total[1]))
 
 
+def masked_box(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``a``, ``b`` and the mask of pixels to compare (``mask`` and finite in both), cut to the
+    mask's bounding box; ScoreError for a mask of another shape, fewer than 64 pixels, or a box
+    too small for the SSIM window."""
+    m = np.isfinite(a) & np.isfinite(b)
+    if mask is not None:
+        mk = np.asarray(mask)
+        if mk.shape != a.shape:
+            raise ScoreError(f"mask shape {mk.shape} differs from the image shape {a.shape}")
+        m &= mk.astype(bool)
+    if m.sum() < 64:
+        raise ScoreError(f"the mask holds {int(m.sum())} usable pixels; at least 64 are needed")
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    if min(m[box].shape) < SSIM_WIN + 2:
+        raise ScoreError(f"the masked area {m[box].shape} is too small to score (>= {SSIM_WIN + 2} px a side)")
+    return a[box], b[box], m[box]
+
+
 def score_phase(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None, *,
                 register: bool = True, upsample: int = 20, data_range: float | None = None
                 ) -> dict[str, Any]:
@@ -206,21 +225,7 @@ def score_phase(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = 
     truth = np.asarray(truth, dtype=np.float64)
     if recon.ndim != 2 or recon.shape != truth.shape:
         raise ScoreError(f"recon and truth must be 2-D images of one shape, got {recon.shape} and {truth.shape}")
-    valid = np.isfinite(recon) & np.isfinite(truth)
-    if mask is None:
-        m = valid
-    else:
-        m = np.asarray(mask)
-        if m.shape != recon.shape:
-            raise ScoreError(f"mask shape {m.shape} differs from the image shape {recon.shape}")
-        m = m.astype(bool) & valid
-    if m.sum() < 64:
-        raise ScoreError(f"the mask holds {int(m.sum())} usable pixels; at least 64 are needed")
-    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    r, t, m = recon[box], truth[box], m[box]
-    if min(r.shape) < SSIM_WIN + 2:
-        raise ScoreError(f"the masked area {r.shape} is too small to score (>= {SSIM_WIN + 2} px a side)")
+    r, t, m = masked_box(recon, truth, mask)
     r = np.where(m, r, 0.0)
     t = np.where(np.isfinite(t), t, 0.0)
     # a first offset removal helps the registration

@@ -59,6 +59,7 @@ from ptychostream.quality.metrics import (
     ScoreError,
     frc,
     frc_summary,
+    masked_box,
     taper_mask,
 )
 
@@ -290,19 +291,7 @@ def compare_to_reference(image: np.ndarray, reference: np.ndarray, *, mask: np.n
     if threshold not in FRC_THRESHOLDS:
         raise ScoreError(f"FRC threshold must be one of {', '.join(FRC_THRESHOLDS)}, got {threshold!r}")
     dog_sigmas(band)  # validates the band
-    m = np.isfinite(a) & np.isfinite(b)
-    if mask is not None:
-        mk = np.asarray(mask)
-        if mk.shape != a.shape:
-            raise ScoreError(f"mask shape {mk.shape} differs from the image shape {a.shape}")
-        m &= mk.astype(bool)
-    if m.sum() < 64:
-        raise ScoreError(f"the mask holds {int(m.sum())} usable pixels; at least 64 are needed")
-    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    a, b, m = a[box], b[box], m[box]
-    if min(a.shape) < SSIM_WIN + 2:
-        raise ScoreError(f"the masked area {a.shape} is too small to score (>= {SSIM_WIN + 2} px a side)")
+    a, b, m = masked_box(a, b, mask)
     a = np.where(m, a, 0.0)
     b = np.where(m, b, 0.0)
     b, unwrapped = _unwrap_if_wrapped(b, m)

@@ -57,12 +57,14 @@ __all__ = [
     "MixedSource",
     "PatchGrid",
     "ProbeSource",
+    "ReferenceObject",
     "heldout_scores",
     "heldout_split",
     "instrument_source",
     "is_better",
     "label_patches",
     "probe_modes",
+    "reference_object",
 ]
 
 #: where the held-out region lies: (axis of the positions, +1 the high end / -1 the low end); y grows down
@@ -204,6 +206,41 @@ def label_patches(product: Product, positions_m: np.ndarray, pixel_m: float, out
 
 
 @dataclass(frozen=True)
+class ReferenceObject:
+    """The iterative reference's object as a source of synthetic objects: its held-out side replaced by a
+    mirror image of the training side (so nothing of the scored region is seen), and the box of patch
+    centres (metres about the object's centre pixel: y0, y1, x0, x1) where the training frames lit it."""
+
+    object: np.ndarray  # (H, W) complex64 at the scan's pixel
+    box_m: tuple[float, float, float, float]
+
+
+def reference_object(product: Product, split: HeldOut, positions_m: np.ndarray, pixel_m: float
+                     ) -> ReferenceObject | None:
+    """:class:`ReferenceObject` of ``product`` for the training frames of ``split`` (None when the product
+    is at another pixel than the scan's, or the training region is empty)."""
+    if abs(product.pixel_m / pixel_m - 1.0) > 1e-3 or len(split.train) == 0:
+        return None
+    obj = np.asarray(product.object, dtype=np.complex64)
+    axis, sign = SIDES[split.side]
+    centre = np.asarray(product.center_m, dtype=np.float64)
+    h, w = obj.shape
+    # the held-out boundary in object pixels along the split axis
+    cut = (h // 2, w // 2)[axis] + (split.threshold_m - centre[axis]) / pixel_m
+    view = obj if axis == 1 else obj.T
+    view = view if sign > 0 else view[:, ::-1]
+    n = view.shape[1]
+    k = math.floor(cut) if sign > 0 else math.floor(n - 1 - cut) + 1
+    k = min(max(k, 1), n)
+    view = np.pad(view[:, :k], ((0, 0), (0, n - k)), mode="symmetric")
+    view = view if sign > 0 else view[:, ::-1]
+    obj = np.ascontiguousarray(view if axis == 1 else view.T)
+    rel = np.asarray(positions_m, dtype=np.float64)[split.train] - centre
+    box = (float(rel[:, 0].min()), float(rel[:, 0].max()), float(rel[:, 1].min()), float(rel[:, 1].max()))
+    return ReferenceObject(obj, box)
+
+
+@dataclass(frozen=True)
 class PatchGrid:
     """The frame size and object pixel of a scan (what :class:`SimSource` reads of a geometry)."""
 
@@ -218,7 +255,8 @@ class ProbeSource(SimSource):
 
     def __init__(self, cfg: TrainConfig, modes: np.ndarray, pixel_m: float, pre: Preprocess, out: int,
                  weight: np.ndarray, photons: tuple[float, float], amp_gain: float = 1.0,
-                 bad: np.ndarray | None = None) -> None:
+                 bad: np.ndarray | None = None, reference: ReferenceObject | None = None,
+                 reference_share: float = 0.0) -> None:
         size = int(modes.shape[-1])
         super().__init__(cfg, modes[0], PatchGrid(size, float(pixel_m)), pre, out, weight)
         self.modes = np.ascontiguousarray(modes, dtype=np.complex64)
@@ -226,12 +264,17 @@ class ProbeSource(SimSource):
         self.amp_gain = float(amp_gain)
         #: the scan's bad pixels (canonical frame), zeroed in every synthetic frame as in the scan's
         self.bad = None if bad is None or not np.any(bad) else np.asarray(bad, dtype=bool)
+        #: ``reference_share`` of the patches come from the reference's object (training side only), at
+        #: random positions of the lit box and in a random one of the 8 orientations of the square
+        self.reference = reference
+        self.reference_share = float(reference_share) if reference is not None else 0.0
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(source="probe-centric", probe_modes=len(self.modes), photons=list(self.photons),
                  amplitude_gain=self.amp_gain, probe=hashlib.sha256(self.modes.tobytes()).hexdigest()[:12],
-                 bad_pixels=0 if self.bad is None else int(self.bad.sum()))
+                 bad_pixels=0 if self.bad is None else int(self.bad.sum()),
+                 reference_share=self.reference_share)
         return d
 
     def make(self, n: int, stream: int, index: int, cycle: int) -> Batch:
@@ -244,9 +287,22 @@ class ProbeSource(SimSource):
         lo, hi = self.photons
         photons = np.exp(rng.uniform(np.log(lo), np.log(hi), size=n))
         patches = np.empty((n, g.size, g.size), dtype=np.complex64)
-        for j in np.unique(which):
-            sel = np.flatnonzero(which == j)
+        gain = np.full(n, self.amp_gain, dtype=np.float32)
+        from_ref = rng.random(n) < self.reference_share
+        for j in np.unique(which[~from_ref]):
+            sel = np.flatnonzero((which == j) & ~from_ref)
             patches[sel] = extract_patches(objs[j], pos[sel], g.pixel_m, g.size)
+        if from_ref.any():
+            assert self.reference is not None
+            sel = np.flatnonzero(from_ref)
+            y0, y1, x0, x1 = self.reference.box_m
+            rp = np.column_stack([rng.uniform(y0, y1, len(sel)), rng.uniform(x0, x1, len(sel))])
+            cut = extract_patches(self.reference.object, rp, g.pixel_m, g.size)
+            turns = rng.integers(8, size=len(sel))
+            for m, (i, t) in enumerate(zip(sel, turns)):
+                q = np.rot90(cut[m], int(t) % 4)
+                patches[i] = q[:, ::-1] if t >= 4 else q
+            gain[sel] = 1.0  # the reference's amplitudes are at their own level already
         inten = np.zeros((n, g.size, g.size), dtype=np.float32)
         for mode in self.modes:
             inten += far_field(mode[None] * patches)
@@ -255,7 +311,7 @@ class ProbeSource(SimSource):
         if self.bad is not None:
             counts[:, self.bad] = 0.0
         x = self.pre.apply(counts)[:, None]
-        amp = np.abs(patches) * self.amp_gain if "amplitude" in self.cfg.heads else None
+        amp = np.abs(patches) * gain[:, None, None] if "amplitude" in self.cfg.heads else None
         ph, am = targets(np.angle(patches), amp, self.out, self.weight)
         return Batch(np.ascontiguousarray(x, dtype=np.float32), ph, am)
 
@@ -295,15 +351,17 @@ class MixedSource:
 
 def instrument_source(cfg: TrainConfig, *, frames: np.ndarray, labels: np.ndarray, probe: np.ndarray,
                       pixel_m: float, pre: Preprocess, out: int, mode: str = "mixed", mix: float = 0.5,
-                      photons: tuple[float, float] | None = None,
-                      bad: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
+                      photons: tuple[float, float] | None = None, bad: np.ndarray | None = None,
+                      reference: ReferenceObject | None = None,
+                      reference_share: float = 0.5) -> tuple[Any, dict[str, Any]]:
     """The (data source, facts) of a run on one instrument, for ``train(cfg, source=...)``.
 
     ``frames`` (N, S, S) canonical intensities of the training frames, ``labels`` (N, out, out) complex
     patches at ``pixel_m``, ``probe`` (modes, S, S), ``mode`` one of :data:`MODES` (``mix``: the synthetic
     fraction of a ``mixed`` batch), ``photons`` the synthetic frames' (lo, hi) counts (default: the
     scan's 10th to 90th percentile of the frame sums), ``bad`` the scan's bad pixels (S, S), zeroed in the
-    synthetic frames as they are in the scan's.
+    synthetic frames as they are in the scan's; ``reference`` (:func:`reference_object`): ``reference_share``
+    of the synthetic patches are cut from it instead of the generated objects.
     """
     if mode not in MODES:
         raise TrainError(f"the training mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -336,7 +394,7 @@ def instrument_source(cfg: TrainConfig, *, frames: np.ndarray, labels: np.ndarra
                             amp_labels if has_amp else None, pre, out, weight,
                             {"source": "scan pairs", "pairs": len(frames)})
     if mode in ("synthetic", "mixed"):
-        synth = ProbeSource(cfg, modes, pixel_m, pre, out, weight, photons, gain, bad)
+        synth = ProbeSource(cfg, modes, pixel_m, pre, out, weight, photons, gain, bad, reference, reference_share)
     src: Any
     if mode == "mixed":
         assert pairs is not None and synth is not None
@@ -411,8 +469,8 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
             result[name]["error"] = str(exc)
         if truth is not None:
             try:
-                st = score_against_product(mos, truth, region=region, mask=common)
-                result[name]["truth_scores"] = st.as_dict(curves=False)
+                vt = score_against_product(mos, truth, region=region, mask=common)
+                result[name]["truth_scores"] = vt.as_dict(curves=False)
             except ScoreError as exc:
                 result[name]["truth_scores"] = None
                 result[name]["error"] = (result[name]["error"] or "") + f" (vs the truth: {exc})"
