@@ -61,6 +61,8 @@ class PVSpec:
     initial: Any = None
     ftvl: str = ""
     info: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    #: other names of this record (``alias()`` in db/), served as the same PV: one value, one handler
+    aliases: tuple[str, ...] = ()
 
     @property
     def readback(self) -> str | None:
@@ -161,6 +163,19 @@ class PVDatabase:
     def __init__(self, specs: list[PVSpec], source: Path) -> None:
         self.source = source
         self._specs = {s.suffix: s for s in specs}
+        self._aliases = {alias: s.suffix for s in specs for alias in s.aliases}
+        clash = sorted(self._aliases.keys() & self._specs.keys())
+        if clash:
+            raise ValueError(f"{source}: alias(es) {', '.join(clash)} are also record names")
+
+    def aliases(self) -> dict[str, str]:
+        """Every alias suffix and the suffix of the record it names (``alias()`` in db/); the specs,
+        :meth:`names` and ``in`` know records only."""
+        return dict(self._aliases)
+
+    def resolve(self, name: str) -> PVSpec:
+        """The spec of a record suffix or of an alias of one (KeyError for neither)."""
+        return self._specs[self._aliases.get(name, name)]
 
     def __getitem__(self, suffix: str) -> PVSpec:
         return self._specs[suffix]
@@ -251,13 +266,16 @@ def _constant_link(raw: Any, where: str) -> str | None:
     return str(int(value)) if isinstance(value, bool) else str(value)
 
 
-def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[str, str]) -> PVSpec:
+def _suffix(name: str, what: str = "record") -> str:
     for prefix in ("$(P)$(R)", "$(P)"):
         if name.startswith(prefix):
-            break
-    else:
-        raise ValueError(f"record {name!r} must be named $(P)$(R)Name or $(P)Name")
-    suffix = name[len(prefix):]
+            return name[len(prefix):]
+    raise ValueError(f"{what} {name!r} must be named $(P)$(R)Name or $(P)Name")
+
+
+def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[str, str],
+                      aliases: tuple[str, ...] = ()) -> PVSpec:
+    suffix = _suffix(name)
     image = info.get("ptychostream:ntndarray") == "1"
     table = info.get("ptychostream:nttable")
     enum_strs: tuple[str, ...] = ()
@@ -292,8 +310,9 @@ def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[s
     protocols = frozenset(info.get("ptychostream:protocols", "pva ca").split())
 
     # a constant DOL link is how an output record gets its start-up value in a real IOC (an lso's VAL
-    # cannot be set before iocInit); it wins over VAL, as record support's init_record does
-    val = fields.get("DOL", fields.get("VAL"))
+    # cannot be set before iocInit), a constant INP link an input record's; it wins over VAL, as record
+    # support's init_record does
+    val = fields.get("DOL", fields.get("INP", fields.get("VAL")))
     initial: Any
     if kind == "float":
         initial = float(val) if val else 0.0
@@ -325,6 +344,7 @@ def _spec_from_record(name: str, rtyp: str, fields: dict[str, str], info: dict[s
         initial=initial,
         ftvl=fields.get("FTVL", ""),
         info=dict(info),
+        aliases=aliases,
     )
 
 
@@ -338,10 +358,14 @@ def load_db(name: str = "reconstructor.db", folder: str | None = None) -> PVData
     db = Database.from_file(str(path))
     specs = []
     for rec_name, rec in db.records.items():
-        fields = {k: str(v.value) for k, v in rec.fields.items() if k != "DOL"}
-        dol = _constant_link(rec.fields["DOL"].value, f"{path}: record {rec_name}, field DOL") \
-            if "DOL" in rec.fields else None
-        if dol is not None:
-            fields["DOL"] = dol
-        specs.append(_spec_from_record(rec_name, rec.record_type, fields, dict(rec.info)))
+        if rec_name != rec.name:  # whatrecord lists a record under each of its aliases too
+            continue
+        fields = {k: str(v.value) for k, v in rec.fields.items() if k not in ("DOL", "INP")}
+        for key in ("DOL", "INP"):
+            link = _constant_link(rec.fields[key].value, f"{path}: record {rec_name}, field {key}") \
+                if key in rec.fields else None
+            if link is not None:
+                fields[key] = link
+        aliases = tuple(_suffix(a, f"{path}: alias of {rec_name}") for a in rec.aliases)
+        specs.append(_spec_from_record(rec_name, rec.record_type, fields, dict(rec.info), aliases))
     return PVDatabase(specs, path)

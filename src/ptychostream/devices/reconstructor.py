@@ -26,8 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ptychostream import __version__
 from ptychostream.core.device import Busy, DeviceState, PutError
-from ptychostream.core.frames import ImageFrame
+from ptychostream.core.frames import BatchResult, ImageFrame
 from ptychostream.core.messages import GrowthReport
 from ptychostream.core.pvdb import load_db
 from ptychostream.core.stats import Counters, LatencyWindow, RateMeter, saturate
@@ -107,6 +108,11 @@ class Reconstructor:
         self.receiver = Receiver(self._on_monitor_frame, self._on_bad_frame, self._on_connect)
         self.mosaic = MosaicStage(d, lambda text, sev: self.message(text, severity=sev))
         self.publisher.add_listener(self.mosaic.on_result)
+        #: the areaDetector ArrayCounter: frames reconstructed, counting on from the last ArrayCounter put
+        self._array_counter = 0
+        self._array_lock = threading.Lock()
+        self.publisher.add_listener(self._on_result)
+        d.set("DriverVersion_RBV", __version__)
         self.recorder: Recorder | None = None
         self._record_counts = (0, 0)
         self.table_monitor = PositionMonitor(self._on_table, lambda text: self.message(text, severity=1))
@@ -223,6 +229,7 @@ class Reconstructor:
             ("Backlog", backlog))})
         self._report_growth(c, dropped)
         in_rate, out_rate = self.in_rate.rate(), self.out_rate.rate()
+        d.set("QueueFree_RBV", saturate(max(0, self.queue.limit - backlog)))
         d.set("InputRate_RBV", round(in_rate, 1))
         d.set("FrameRate_RBV", round(out_rate, 1))
         p50, p99 = self.latency.percentiles_ms()
@@ -295,6 +302,18 @@ class Reconstructor:
         self.in_rate.add()
         self._gaps[source].update(frame.unique_id)  # missed, out of order, duplicates, restarts
         self.queue.put(frame)
+
+    def _on_result(self, result: BatchResult) -> None:
+        """A published batch into the areaDetector readbacks: ArrayCounter, UniqueId and the Phase's shape."""
+        d = self.device
+        with self._array_lock:
+            self._array_counter = min(self._array_counter + len(result.frames), 2**31 - 1)
+            d.set("ArrayCounter_RBV", self._array_counter)
+        if result.frames:
+            d.set("UniqueId_RBV", saturate(result.frames[-1].unique_id))
+        phase = result.outputs.get("phase")
+        if phase is not None and phase.ndim == 3:
+            d.set_many({"ArraySize0_RBV": phase.shape[2], "ArraySize1_RBV": phase.shape[1]})
 
     def _on_stale(self, uid: int, rejoin: bool) -> None:
         """The channel's current value seen on (re)connecting: not a received frame. On joining, its
@@ -376,6 +395,16 @@ class Reconstructor:
         @on("PublishRate")
         def _rate(value: float) -> None:
             d.set("PublishRate_RBV", self.publisher.set_rate(value))
+
+        @on("ArrayCounter")
+        def _array_counter(value: int) -> None:
+            with self._array_lock:
+                self._array_counter = value
+                d.set("ArrayCounter_RBV", value)
+
+        @on("NDArrayAddress")  # areaDetector's input address: one input here, the value is only shown
+        def _address(value: int) -> None:
+            d.set("NDArrayAddress_RBV", value)
 
         @on("ResetCounters")
         def _reset(value: int) -> int:

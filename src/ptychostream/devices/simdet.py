@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ptychostream import __version__
 from ptychostream.core.device import Busy, DeviceState, PutError
 from ptychostream.core.frames import ImageFrame
 from ptychostream.core.pvdb import load_db
@@ -87,6 +88,7 @@ class SimDetector:
         #: the newest file put of each file setpoint, which the next one waits for
         self._file_puts: dict[str, Future] = {}
         self._register()
+        self.device.set("cam1:DriverVersion_RBV", __version__)
         for name in CONFIG:
             self._echo(name, self.device.get(name))
         self._update_geometry()

@@ -21,6 +21,9 @@ onto the loop (``call_soon_threadsafe``) into one queue that a single writer tas
 order, so nothing but that task writes to caproto. CA puts run the device's put path on
 one worker thread in arrival order, off the loop: a put handler never stalls CA.
 
+A record's aliases (``alias()`` in db/) are more names in the pvdb for the same caproto instance:
+one value, one alarm, one put path, its fields (``ALIAS.EGU``) the record's.
+
 Each PV has its own alarm (``alarm_group``): caproto's default puts every pvproperty of a
 group on one shared alarm, so an alarm written on one PV was shown, and published, on all.
 
@@ -227,6 +230,9 @@ class DevicePVGroup(PVGroup):
         self._updates: asyncio.Queue | None = None
         n = len(self.prefix)
         self._by_suffix = {name[n:]: inst for name, inst in self.pvdb.items() if name[n:] in device.db}
+        for alias, target in device.db.aliases().items():  # the same instance under another name
+            if target in self._by_suffix:
+                self.pvdb[self.prefix + alias] = self._by_suffix[target]
         #: the caproto instances whose puts the device answers: a PV's value, by id, and its db/ fields
         self._targets: dict[int, PVSpec] = {id(inst): device.db[sfx] for sfx, inst in self._by_suffix.items()}
         self._fixed: dict[int, str] = {}

@@ -1,4 +1,7 @@
-"""PVA front end: one p4p SharedPV per db/ record, all backed by a :class:`DeviceState`."""
+"""PVA front end: one p4p SharedPV per db/ record, all backed by a :class:`DeviceState`.
+
+A record's aliases (``alias()`` in db/) are served as the same SharedPV: one value, one handler.
+"""
 
 from __future__ import annotations
 
@@ -132,7 +135,11 @@ class PVAFrontEnd:
 
     @property
     def provider(self) -> dict[str, SharedPV]:
-        return {self.prefix + name: pv for name, pv in self.pvs.items()}
+        """Every PV by its full name, each alias of a record naming the record's own SharedPV."""
+        names = {self.prefix + name: pv for name, pv in self.pvs.items()}
+        names.update({self.prefix + alias: self.pvs[target] for alias, target in self.device.db.aliases().items()
+                      if target in self.pvs})
+        return names
 
     def _on_change(self, spec: PVSpec, reading: Reading) -> None:
         pv = self.pvs.get(spec.suffix)

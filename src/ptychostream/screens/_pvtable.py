@@ -18,6 +18,8 @@ def pv_table(db_name: str = "reconstructor.db", prefix: str = "$(P)$(R)") -> str
             meaning += ": " + " / ".join(spec.enum_strs)
         if spec.drvl is not None and spec.drvh is not None and spec.drvl < spec.drvh:
             meaning += f" [{spec.drvl:g}..{spec.drvh:g}]"
+        if spec.aliases:  # EPICS alias() names, e.g. the areaDetector ones (the same PV)
+            meaning += " (also " + ", ".join(f"`{a}`" for a in spec.aliases) + ")"
         rows.append(f"| `{prefix}{spec.suffix}` | {spec.type_label}{proto} | {access} | {spec.egu} | {meaning} |")
     return "\n".join(rows)
 
