@@ -16,6 +16,14 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import pytest
 
+# One libca in this process: pyepics takes epicscorelibs' copy, the one aioca (ophyd-async over CA)
+# loads, as ophyd arranges when it is imported first. Without this, pyepics loads its own bundled
+# copy beside it, and ophyd imported after pyepics warns (an error here) that it came too late.
+try:
+    import epicscorelibs.path.pyepics  # noqa: F401
+except ImportError:
+    pass
+
 from ptychostream.testing import EpicsNet, Slot
 from ptychostream.testing import IOCProcess as _IOCProcess
 
