@@ -61,11 +61,14 @@ def scan_files(tmp_path_factory):
     write_npz(d / "scan.npz", Scan(frames=frames, positions_m=pos, object_pixel_m=g.pixel_m, probe=probe[None]))
     with __import__("h5py").File(d / "ref.h5", "w") as h5:
         write_product_h5(h5, Product(obj, g.pixel_m, (0.0, 0.0), probe=probe, positions_m=pos))
+    hot = frames.copy()
+    hot[:, [2, 30], [7, 19]] = 50.0 * frames.max()  # two hot pixels, for the bad-pixel mask
+    write_npz(d / "hot.npz", Scan(frames=hot, positions_m=pos, object_pixel_m=g.pixel_m, probe=probe[None]))
     serving = d / "serving.onnx"
     train(TrainConfig(output=str(serving), size=SIZE, depth=2, base_channels=8, output_size=SIZE, epochs=1,
                       samples=32, batch=16, threads=1, val=0, probe="zoneplate", object_px=128, pool=2),
           progress=False, log=lambda s: None)
-    return {"dir": d, "scan": d / "scan.npz", "ref": d / "ref.h5", "serving": serving, "pixel": g.pixel_m,
+    return {"dir": d, "scan": d / "scan.npz", "hot": d / "hot.npz", "ref": d / "ref.h5", "serving": serving, "pixel": g.pixel_m,
             "n": len(pos)}
 
 
@@ -177,6 +180,37 @@ def test_hot_pixels_are_found_and_cleaned():
     med = clean_frames(frames, bad, "median")
     assert med[:, 3, 5].max() < 20 and np.array_equal(med[:, ~bad], frames[:, ~bad])
     assert (clean_frames(frames, bad, "zero")[:, bad] == 0).all()
+
+
+@pytest.mark.parametrize("origin", ["corner", "centre"])
+@pytest.mark.parametrize("transpose,flip_y,flip_x", [(False, False, False), (True, False, False),
+                                                     (False, True, False), (False, False, True), (True, True, True)])
+def test_the_mask_adapt_writes_is_the_raw_frames_hot_pixels(origin, transpose, flip_y, flip_x):
+    """adapt finds hot pixels in the canonical frames; the mask it writes for PreMaskPath is in the raw
+    (stored) frame's coordinates: the hot pixels of the raw frames themselves. Through the IOC's
+    pre-processing with the same instrument settings, it zeroes what the network was trained without."""
+    from ptychostream.cli.adapt import raw_mask
+    from ptychostream.files.scandata import Scan
+    from ptychostream.train.instrument import bad_pixels, clean_frames
+
+    rng = np.random.default_rng(1)
+    h, w = 24, 32  # not square: the transpose shows
+    yy, xx = np.mgrid[0:h, 0:w] - np.array([h // 2, w // 2])[:, None, None]
+    centred = rng.poisson(1e4 * np.exp(-(xx**2 + yy**2) / 18.0) + 2.0, (6, h, w)).astype(np.float32)
+    raw = np.fft.ifftshift(centred, axes=(-2, -1)) if origin == "corner" else centred
+    hot = np.zeros((h, w), dtype=bool)
+    hot[[0, 3, 11, 23], [31, 5, 16, 0]] = True  # edges and the centre's neighbourhood too
+    raw[:, hot] = 2**18
+    scan = Scan(frames=raw, positions_m=np.zeros((6, 2)), origin=origin, transpose=transpose, flip_y=flip_y,
+                flip_x=flip_x)
+    canonical = scan.canonical_frames()
+    bad = bad_pixels(canonical)
+    assert bad.sum() == hot.sum()
+    mask = raw_mask(scan, bad)
+    np.testing.assert_array_equal(mask, hot)
+    np.testing.assert_array_equal(mask, bad_pixels(raw))  # found in the raw frames: the same
+    ioc = Preprocess(fftshift=origin == "corner", transpose=transpose, flip_y=flip_y, flip_x=flip_x, mask=mask)
+    np.testing.assert_array_equal(ioc.apply(raw), clean_frames(canonical, bad, "zero"))
 
 
 def test_reference_object_never_shows_the_heldout_region():
@@ -306,7 +340,7 @@ def test_adapt_swaps_the_ioc_model_only_when_better(scan_files, tmp_path):
             serving = str(scan_files["serving"].resolve())
             ctx.put(prefix + "ModelPath", serving, wait=True)
             wait_for(lambda: text(ctx.get(prefix + "ModelPath_RBV")) == serving, 30, message="the first model")
-            common = [str(scan_files["scan"]), "--reference", str(scan_files["ref"]), "--ioc", prefix,
+            common = [str(scan_files["hot"]), "--reference", str(scan_files["ref"]), "--ioc", prefix,
                       "--out", str(tmp_path / "out"), "--mode", "pairs", "--batch", "16", "--lr", "5e-3",
                       "--threads", "1", "-q"]
             # forced "not better": the IOC keeps its model
@@ -314,12 +348,19 @@ def test_adapt_swaps_the_ioc_model_only_when_better(scan_files, tmp_path):
             res = json.loads((tmp_path / "out" / "report.json").read_text())
             assert res["serving_model"] == serving and res["better"] is False and res["swapped"] is False
             assert text(ctx.get(prefix + "ModelPath_RBV")) == serving
+            mask = res["bad_pixels"]["mask"]  # written, listed, but not put: no swap
+            assert res["bad_pixels"]["count"] == 2 and Path(mask).name == "bad-pixels.npy"
+            assert sorted(map(tuple, np.argwhere(np.load(mask)))) == [(2, 7), (30, 19)]
+            assert text(ctx.get(prefix + "PreMaskPath_RBV")) == ""
             # better: put, and served
             assert run_cli(*common, "--epochs", "8") == 0
             res = json.loads((tmp_path / "out" / "report.json").read_text())
             assert res["better"] is True and res["swapped"] is True, res
             new = str(Path(res["model"]).resolve())
             assert text(ctx.get(prefix + "ModelPath_RBV")) == new
+            # with the model, the IOC got the mask the model was trained for (those pixels zeroed)
+            assert res["mask_put"] is True and "bad-pixel mask" in res["swap_message"], res["swap_message"]
+            assert text(ctx.get(prefix + "PreMaskPath_RBV")) == res["bad_pixels"]["mask"]
             # --no-swap decides but leaves the IOC alone
             assert run_cli(*common, "--epochs", "1", "--no-swap") == 0
             res = json.loads((tmp_path / "out" / "report.json").read_text())

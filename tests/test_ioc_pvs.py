@@ -38,7 +38,8 @@ PREFIX = "TST:NN:"
 DB = load_db("reconstructor.db")
 CONTROL = [s for s in DB if s.writable and s.kind != "image"]
 # puts whose side effects (model loading, monitoring) are tested elsewhere, but whose values still round-trip
-NO_RBV_ECHO = {"ModelPath", "Backend", "ResetCounters", "Enable", "PreDarkPath", "MosaicReset", "TrajectoryFile",
+NO_RBV_ECHO = {"ModelPath", "Backend", "ResetCounters", "Enable", "PreDarkPath", "PreMaskPath", "MosaicReset",
+               "TrajectoryFile",
                "Capture", "CaptureFile",
                "MosaicXMin", "MosaicXMax", "MosaicYMin", "MosaicYMax"}
 #: restored before each live test; not the actions (no readback), nor the puts that start work which
@@ -54,7 +55,7 @@ def sample_value(spec):
         return spec.enum_strs[-1] if spec.readback is not None else spec.enum_strs[0]
     if spec.kind == "string":
         return {"ModelPath": "/nonexistent/model.onnx", "InputPV": "TST:NOPE:Image",
-                "PreDarkPath": "", "TrajectoryFile": "",
+                "PreDarkPath": "", "PreMaskPath": "", "TrajectoryFile": "",
                 "CaptureFile": f"{tempfile.gettempdir()}/ptychostream-test-{os.getpid()}.h5"}.get(spec.suffix, "abc")
     lo, hi = spec.drvl, spec.drvh
     v = lo + (hi - lo) / 7 if spec.kind == "float" else int(lo + max(1, (hi - lo) // 7))

@@ -112,6 +112,35 @@ def test_product_file_reads_back(lsqml: object, tmp_path: object) -> None:
         assert len(h5.attrs["ptychostream_loss"]) == EPOCHS
 
 
+def test_hot_pixels_as_pty_chis_mask_reconstruct_as_well_as_a_clean_scan(lsqml: object, sim: Simulator,
+                                                                        scan: Scan) -> None:
+    """Hot pixels (a few hundred times a bright pixel's counts) given as ``bad_pixels`` become pty-chi's
+    valid-pixel mask: the object comes out about as well as from the clean scan."""
+    pytest.importorskip("ptychi")
+    from ptychostream.iterative.engine import prepare, reconstruct
+
+    rng = np.random.default_rng(3)
+    bad = np.zeros((SIZE, SIZE), dtype=bool)
+    bad[rng.integers(0, SIZE, 12), rng.integers(0, SIZE, 12)] = True
+    bad[SIZE // 2 + 1, SIZE // 2 + 2] = True  # one in the bright centre too
+    frames = np.array(scan.frames, dtype=np.float32)
+    frames[:, bad] += 50.0 * float(frames.max())
+    hot = Scan(frames=frames, positions_m=scan.positions_m, object_pixel_m=scan.object_pixel_m,
+               energy_ev=scan.energy_ev, source="simulated spiral, hot pixels")
+    prep = prepare(hot, bad_pixels=bad)  # pty-chi's convention: True = measured, zero frequency at (0, 0)
+    assert prep.valid is not None
+    np.testing.assert_array_equal(prep.valid, np.fft.ifftshift(~bad))
+    assert np.abs(prep.patterns[:, ~prep.valid]).max() < 2 * float(scan.frames.max())  # no hot values left
+    rec = reconstruct(hot, engine="lsqml", iterations=EPOCHS, bad_pixels=bad)
+    clean, masked = _phase_figures(lsqml, sim), _phase_figures(rec, sim)
+    print(f"\nclean {clean}\nhot pixels, masked {masked}")
+    assert rec.settings["bad_pixels"] == int(bad.sum())
+    assert masked["corr"] > clean["corr"] - 0.02 and masked["ssim"] > clean["ssim"] - 0.05, (masked, clean)
+    assert masked["shift"] < 0.5
+    with pytest.raises(ValueError, match="bad_pixels must be a boolean 64x64 mask"):
+        prepare(hot, bad_pixels=bad[:-1])
+
+
 def test_file_probe_modes_and_dm(sim: Simulator, scan: Scan, tmp_path: object) -> None:
     """The file's probe (larger than the frames: cropped), two modes, DM: every mode is written and read back."""
     pytest.importorskip("ptychi")

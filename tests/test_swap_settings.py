@@ -123,3 +123,88 @@ def test_swap_back_and_unload_keep_them_too(rec, models):
     pre = rec.batcher.preprocess
     assert pre is not None and (pre.fftshift, pre.flip_y, pre.transpose, pre.crop_center) == (True, True, True,
                                                                                               (50, 46))
+
+
+def test_bad_pixel_mask_zeroes_the_pixels_and_survives_a_swap(rec, models, tmp_path):
+    """PreMaskPath: the masked pixels of the raw frame are 0 in the network's input (the Phase output is
+    the model's on the frame with them zeroed); a swap keeps the mask; a mask of another shape than the
+    streaming frames, or a file that cannot be read, is refused and counted; "" unloads it."""
+    from ptychostream.core.pvdb import PutError
+
+    first, second, _, _ = models
+    d = rec.device
+    seen: dict[int, np.ndarray] = {}
+    d.add_image_sink(lambda spec, f: seen.__setitem__(f.unique_id, np.array(f.array)) if spec.suffix == "Phase"
+                     else None)
+    for name, value in {"Enable": 1, "PublishRate": 0}.items():
+        d.put(name, value)
+    load(rec, first)
+    for name, value in INSTRUMENT.items():
+        d.put(name, value)
+    rng = np.random.default_rng(4)
+    mask = rng.random((RAW, RAW)) < 0.05
+    path = str(tmp_path / "mask.npy")
+    np.save(path, mask.astype(np.uint8))  # non-zero = bad
+    d.put("PreMaskPath", path).done.result(timeout=10)
+    assert d.get("PreMaskPath_RBV") == path
+    raw = rng.poisson(30, (RAW, RAW)).astype(np.uint16)
+    raw[mask] = 60_000  # hot
+    zeroed = np.where(mask, 0, raw).astype(np.uint16)
+    masked = phase_of(rec, raw, 1, seen)
+    instrument = {"fftshift": True, "flip_y": True, "transpose": True, "crop_center": (50, 46), "threshold": 2.0}
+    with open_model(first) as m:
+        want = m.run(zeroed[None], Preprocess(**instrument, crop_size=32, bin=1))["phase"][0]
+        unmasked = m.run(raw[None], Preprocess(**instrument, crop_size=32, bin=1))["phase"][0]
+    np.testing.assert_allclose(masked, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(masked, unmasked, atol=1e-3)  # the hot pixels would have changed the answer
+
+    load(rec, second)
+    assert d.get("PreMaskPath_RBV") == d.get("PreMaskPath") == path
+    with open_model(second) as m:
+        want = m.run(zeroed[None], Preprocess(**instrument, crop_size=64, bin=2, scale="sqrt",
+                                              normalise="max"))["phase"][0]
+    np.testing.assert_allclose(phase_of(rec, raw, 2, seen), want, rtol=1e-5, atol=1e-5)
+
+    refused = d.get("RefusedPuts_RBV")
+    small = str(tmp_path / "small.npy")
+    np.save(small, np.zeros((64, 64), bool))
+    with pytest.raises(PutError, match=r"64x64 but the frames streaming are 96x96"):
+        d.put("PreMaskPath", small).done.result(timeout=10)
+    with pytest.raises(PutError, match="bad-pixel mask file not found"):
+        d.put("PreMaskPath", str(tmp_path / "missing.npy")).done.result(timeout=10)
+    assert d.get("RefusedPuts_RBV") == refused + 2 and d.get("PreMaskPath_RBV") == path
+    assert "64x64" in d.messages.format(4000)
+    d.put("PreMaskPath", "").done.result(timeout=10)
+    assert d.get("PreMaskPath_RBV") == ""
+    wait_for(lambda: rec.batcher.preprocess.mask is None and rec.batcher.preprocess.mask_path is None,
+             message="the inference loop takes the unloaded mask")
+
+
+def test_mask_files_npy_npz_and_hdf5(tmp_path):
+    """load_mask reads NPY, NPZ and HDF5 (``file::key``, a dataset named mask or its only 2-D array), and
+    names the file, the key and what was expected when it cannot."""
+    import h5py
+
+    from ptychostream.devices.reconstructor import load_mask
+    from ptychostream.files.errors import FileFormatError
+
+    m = np.zeros((8, 10), np.uint8)
+    m[2, 3] = m[7, 9] = 1
+    np.savez(tmp_path / "one.npz", anything=m)
+    np.savez(tmp_path / "named.npz", frames=np.zeros((8, 10)), mask=m)
+    np.savez(tmp_path / "two.npz", a=m, b=m)
+    with h5py.File(tmp_path / "m.h5", "w") as h5:
+        h5["/entry/instrument/detector/pixel_mask"] = m
+        h5["/entry/data/data"] = np.zeros((3, 8, 10))
+        h5["/other"] = m.astype(bool)
+    for path in ("one.npz", "named.npz", "two.npz::b", "m.h5", "m.h5::/other"):
+        np.testing.assert_array_equal(load_mask(str(tmp_path / path)), m != 0, err_msg=path)
+    np.save(tmp_path / "flat.npy", np.zeros(10))
+    np.save(tmp_path / "nan.npy", np.full((8, 10), np.nan))
+    (tmp_path / "m.txt").write_text("0 1")
+    for path, words in (("two.npz", r"which array is the mask\? keys present: a, b"),
+                        ("m.h5::/nope", "no dataset '/nope'"), ("flat.npy", "one 2-D boolean or numeric frame"),
+                        ("nan.npy", "NaN"), ("m.txt", "read from .npy, .npz or HDF5")):
+        with pytest.raises(FileFormatError, match=words) as info:
+            load_mask(str(tmp_path / path))
+        assert path.split("::")[0] in str(info.value)

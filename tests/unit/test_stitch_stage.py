@@ -91,3 +91,77 @@ def test_a_pass_stitches_every_waiting_batch_and_counts_the_inbox_down():
     assert stage.inbox.empty() and stage._inbox_bytes == 0
     assert stage.status()["Stitched_RBV"] == 8  # the stitcher was rebuilt for the 16x16 patches of the last batch
     assert stage.stitcher is not None and stage.stitcher.patch_shape == (16, 16)
+
+
+COUNTS = ("Stitched_RBV", "Unpositioned_RBV", "PositionErrors_RBV", "StitchBacklog_RBV")
+
+
+def _mixed_batch(first_uid: int, n: int = 8):
+    """n frames of which every fourth carries no position (it waits, then times out unpositioned)."""
+    import numpy as np
+
+    from ptychostream.core.frames import BatchResult, ImageFrame
+
+    frames = []
+    for uid in range(first_uid, first_uid + n):
+        attrs = {} if uid % 4 == 0 else {"PositionX": 1e-7 * (uid % 40), "PositionY": 1e-7 * (uid // 40)}
+        frames.append(ImageFrame(np.zeros((0, 0), np.uint8), uid, attributes=attrs))
+    out = {"phase": np.zeros((n, 16, 16), np.float32)}
+    return BatchResult(frames, out, np.zeros(n), "m", pixel_m=1e-8)
+
+
+def test_stitch_backlog_closes_the_frame_count_at_any_time():
+    """Every frame handed to the running stage is in exactly one of Stitched, Unpositioned, PositionErrors
+    and StitchBacklog, whenever status() is read (the IOC's 10 Hz task reads it from another thread):
+    in the inbox, in the stitch thread's hands, waiting for a position, or counted."""
+    stage = MosaicStage(DeviceState(load_db("reconstructor.db")), lambda text, severity: None)
+    stage.configure(timeout_s=0.3)
+    stage.start()
+    handed, seen_backlog, waits = 0, 0, 0
+    try:
+        for k in range(60):
+            stage.on_result(_mixed_batch(1 + 8 * k))
+            handed += 8
+            for _ in range(20):  # read while the stitch thread works
+                s = stage.status()
+                assert sum(s[name] for name in COUNTS) == handed, (k, s)
+                seen_backlog = max(seen_backlog, s["StitchBacklog_RBV"])
+                waits = max(waits, s["PositionWait_RBV"])
+            time.sleep(0.002)  # let the stitch thread take some
+        stage.on_result(_mixed_batch(401))  # a batch again: duplicate frames, position errors
+        handed += 8
+        deadline = time.monotonic() + 5
+        while stage.status()["StitchBacklog_RBV"] and time.monotonic() < deadline:
+            s = stage.status()
+            assert sum(s[name] for name in COUNTS) == handed, s
+            waits = max(waits, s["PositionWait_RBV"])
+            time.sleep(0.01)
+        s = stage.status()
+    finally:
+        stage.stop()
+        stage.join(5)
+    assert seen_backlog > 0 and waits > 0  # frames were seen waiting, not only counted
+    assert s["StitchBacklog_RBV"] == 0 and s["PositionWait_RBV"] == 0, s
+    # 3 of 4 frames carry a position; the 1 of 4 without waited 0.3 s and was released unpositioned;
+    # the repeated batch's 8 frames are duplicates
+    assert (s["Stitched_RBV"], s["Unpositioned_RBV"], s["PositionErrors_RBV"]) == (360, 120, 8), s
+
+
+def test_stitch_backlog_counts_the_inbox_and_the_joiner():
+    """Without the stage thread: frames in the inbox are backlog; taken into the joiner (Table positions
+    not yet there) they still are, and PositionWait says so; placed, they are Stitched."""
+    import numpy as np
+
+    stage = MosaicStage(DeviceState(load_db("reconstructor.db")), lambda text, severity: None)
+    stage._configure({"source": "Table"})
+    stage.on_result(_batch(1))
+    stage.on_result(_batch(9))
+    s = stage.status()
+    assert (s["StitchBacklog_RBV"], s["PositionWait_RBV"], s["Stitched_RBV"]) == (16, 0, 0)
+    stage._drain(stage.inbox.get_nowait())  # both batches, into the joiner
+    s = stage.status()
+    assert (s["StitchBacklog_RBV"], s["PositionWait_RBV"], s["Stitched_RBV"]) == (16, 16, 0)
+    stage.add_positions(np.arange(1, 6), np.zeros(5), 1e-7 * np.arange(5))
+    stage._drain(stage.inbox.get_nowait())
+    s = stage.status()
+    assert (s["StitchBacklog_RBV"], s["PositionWait_RBV"], s["Stitched_RBV"]) == (11, 11, 5)

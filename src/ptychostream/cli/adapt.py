@@ -5,7 +5,10 @@ read the scan (:func:`~ptychostream.files.scan.read_scan`) → the iterative ref
 it → training from the serving model (the scan's own pairs, probe-centric synthetic pairs, or both
 mixed; a time budget) → ONNX export to a new file → both models scored on a held-out region of the
 scan (never trained on) → a report (``report.json``, ``report.png``) → with ``--ioc PREFIX``, a put of
-the new model to ``$(PREFIX)ModelPath`` only if it beats the serving one there.
+the new model to ``$(PREFIX)ModelPath`` only if it beats the serving one there.  Hot pixels found in the
+scan are pty-chi's valid-pixel mask and zeroed in the training frames; the mask, in the raw detector
+frame's coordinates, is written to ``OUT/bad-pixels.npy`` and put to ``$(PREFIX)PreMaskPath`` together
+with the model swap (only then), so that the IOC zeroes them too.
 
 ``--status-file`` gets a JSON object after every stage (written to a temporary file and renamed):
 ``{"stage", "progress" (0..1), "message", "done", "ok", "result"}``; the IOC's ``Retrain`` action
@@ -16,7 +19,6 @@ file, and only the final put swaps it in.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -30,10 +32,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SHIPPED_MODEL", "AdaptError", "StatusFile", "add_adapt_parser", "run_adapt"]
+__all__ = ["MASK_FILE", "SHIPPED_MODEL", "AdaptError", "StatusFile", "add_adapt_parser", "put_mask", "raw_mask",
+           "run_adapt"]
 
 #: the model that serves when no other is given
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "ptychonn_edge.onnx"
+#: the bad-pixel mask adapt writes to --out, in the raw detector frame's coordinates (for PreMaskPath)
+MASK_FILE = "bad-pixels.npy"
 #: share of the progress bar of each stage: (start, end)
 _STAGES = {"read": (0.0, 0.03), "reference": (0.03, 0.30), "pairs": (0.30, 0.33), "train": (0.33, 0.88),
            "score": (0.88, 0.96), "report": (0.96, 0.97), "swap": (0.97, 1.0)}
@@ -129,7 +134,40 @@ def swap_model(prefix: str, path: str, timeout: float = 60.0) -> tuple[bool, str
     return False, f"the IOC did not serve {path} within {timeout:g} s"
 
 
+def put_mask(prefix: str, path: str, timeout: float = 30.0) -> tuple[bool, str]:
+    """Put ``path`` to ``$(prefix)PreMaskPath`` (the IOC reads the file) and check the readback; (applied, message)."""
+    try:
+        with _pva_context() as ctx:
+            ctx.put(prefix + "PreMaskPath", path, wait=True, timeout=timeout)
+            rbv = str(ctx.get(prefix + "PreMaskPath_RBV", timeout=5.0)["value"])
+    except Exception as exc:  # p4p raises TimeoutError or RemoteError (the IOC's refusal, with its reason)
+        return False, f"cannot put {prefix}PreMaskPath: {type(exc).__name__}: {exc}"
+    if rbv != path:
+        return False, f"{prefix}PreMaskPath_RBV is {rbv!r}, not {path}"
+    return True, f"{prefix}PreMaskPath = {path}"
+
+
 # --------------------------------------------------------------------------- steps
+def raw_mask(scan: Any, canonical: np.ndarray) -> np.ndarray:
+    """A (H, W) mask of the canonical frames (:meth:`Scan.canonical_frames`) in the stored (raw detector)
+    frame's coordinates: the inverse of its centring, transpose and flips, so that the IOC's bad-pixel
+    mask (applied to the raw frame, before PreFFTShift and the orientation) zeroes the same pixels.
+
+    A flip reverses the frequencies (k -> -k mod N), its own inverse; the flips are undone first,
+    then the transpose, then the centring (``ifftshift`` for corner-origin frames).
+    """
+    out = np.asarray(canonical)
+    if scan.flip_x:
+        out = np.roll(out[:, ::-1], 1, axis=1)
+    if scan.flip_y:
+        out = np.roll(out[::-1], 1, axis=0)
+    if scan.transpose:
+        out = out.T
+    if scan.origin == "corner":
+        out = np.fft.ifftshift(out)
+    return np.ascontiguousarray(out)
+
+
 def _probe_modes_of(reference: Any, reference_path: str | None, scan: Any, size: int) -> np.ndarray:
     """The recovered probe, all modes: the reconstruction's, the reference file's, else the scan's."""
     for cand in (getattr(reference, "probe_modes", None),):
@@ -245,16 +283,16 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
     if h != w:
         raise AdaptError(f"{args.scan}: the frames are {h}x{w}; the network takes square frames")
     say(f"{args.scan}: {n} frames of {h}x{w}, object pixel {pixel:.4g} m ({scan.layout or 'scan'})")
-    # hot pixels: replaced for the iterative engine, zeroed for the network (the IOC's bad-pixel mask)
+    # hot pixels: pty-chi's valid-pixel mask, zeroed for the network, and the IOC's bad-pixel mask
+    # (PreMaskPath, in the raw frame's coordinates: the IOC zeroes them before its own orientation)
     bad = bad_pixels(frames) if args.bad_pixels == "auto" else np.zeros((h, w), dtype=bool)
+    mask_path: Path | None = None
     if bad.any():
+        mask_path = out_dir / MASK_FILE
+        np.save(mask_path, raw_mask(scan, bad))
         say(f"{int(bad.sum())} hot pixel(s) at (row, col) {[tuple(map(int, rc)) for rc in np.argwhere(bad)][:8]} "
-            "of the canonical frame: replaced for pty-chi, zeroed for the network")
-        canonical = dataclasses.replace(scan, frames=clean_frames(frames, bad, "median"), origin="centre",
-                                        flip_y=False, flip_x=False, transpose=False, object_pixel_m=pixel)
+            f"of the canonical frame: masked for pty-chi, zeroed for the network; mask {mask_path}")
         frames = clean_frames(frames, bad, "zero")
-    else:
-        canonical = scan
     truth = read_product(args.truth, need_positions=False) if args.truth else None
     t = lap("read", t0)
 
@@ -275,8 +313,8 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
             status.update("reference", done / max(total, 1), f"pty-chi {args.engine}: epoch {done}/{total}, "
                           f"loss {loss:.4g}", force=False)
 
-        reference = reconstruct(canonical, engine=args.engine, iterations=args.iterations, device=args.device,
-                                progress=epoch, probe_modes=args.probe_modes)
+        reference = reconstruct(scan, engine=args.engine, iterations=args.iterations, device=args.device,
+                                progress=epoch, probe_modes=args.probe_modes, bad_pixels=bad if bad.any() else None)
         ref_path = str(write_reconstruction(out_dir / "reference.h5", reference))
         say(f"reference: {ref_path}")
     t = lap("reference", t)
@@ -370,7 +408,8 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         "serving_model": str(init), "model": str(new_path), "mode": args.mode,
         "mix": args.mix if args.mode == "mixed" else None, "heldout": split.describe(),
         "scores": {"serving": old, "adapted": new}, "truth": args.truth, "scores_vs_truth": truth_scores,
-        "bad_pixels": {"count": int(bad.sum()), "canonical_rc": np.argwhere(bad).tolist()},
+        "bad_pixels": {"count": int(bad.sum()), "canonical_rc": np.argwhere(bad).tolist(),
+                       "mask": str(mask_path.resolve()) if mask_path is not None else None},
         "errors": {k: held[k]["error"] for k in ("serving", "adapted") if held[k]["error"]},
         "better": bool(better), "reason": reason, "metric": args.metric, "margin": args.margin,
         "report_png": str(png) if png.exists() else None,
@@ -384,6 +423,10 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         if better:
             status.update("swap", 0.0, f"putting {new_path.name} to {args.ioc}ModelPath", result=result)
             result["swapped"], result["swap_message"] = swap_model(args.ioc, str(new_path.resolve()))
+            if result["swapped"] and mask_path is not None:  # the model was trained with those pixels zeroed
+                ok, said = put_mask(args.ioc, str(mask_path.resolve()))
+                result["mask_put"] = ok
+                result["swap_message"] += f"; bad-pixel mask: {said}" if ok else f"; the bad-pixel mask was not set: {said}"
         else:
             result["swap_message"] = f"{args.ioc}ModelPath left as it was: {reason}"
         say(result["swap_message"])
@@ -453,7 +496,9 @@ def add_adapt_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--truth", metavar="PRODUCT.h5", help="a simulation's truth (e.g. foreign-truth.h5): the report "
                    "adds both models' (and the reference's) held-out scores against it")
     g.add_argument("--bad-pixels", default="auto", choices=("auto", "none"),
-                   help="find hot pixels in the mean frame and clean them (default auto)")
+                   help="find hot pixels in the mean frame (default auto): masked for pty-chi, zeroed for the "
+                        f"network, written to OUT/{MASK_FILE} (raw frame coordinates) and, with a swap, put to "
+                        "$(PREFIX)PreMaskPath")
     g.add_argument("--origin", choices=("corner", "centre"), help="where the stored frames have zero frequency")
     g.add_argument("--object-pixel-m", type=float, help="the object pixel, when the file lacks it")
     g.add_argument("--position-units", choices=("m", "pixels"), help="units of the file's positions")

@@ -32,6 +32,11 @@ from ptychostream.core.frames import BatchResult, ImageFrame
 from ptychostream.core.messages import GrowthReport
 from ptychostream.core.pvdb import load_db
 from ptychostream.core.stats import Counters, LatencyWindow, RateMeter, saturate
+from ptychostream.files.arrays import open_npz
+from ptychostream.files.errors import FileFormatError
+from ptychostream.files.hdf5 import dataset as h5_dataset
+from ptychostream.files.hdf5 import dataset_names, find_dataset, is_hdf5
+from ptychostream.files.paths import split_dataset_path
 from ptychostream.model.infer import Model, ModelError
 from ptychostream.model.preprocess import NORMALISATIONS as NORMS
 from ptychostream.model.preprocess import SCALES, Preprocess
@@ -50,6 +55,7 @@ from ptychostream.pipeline.stitch import SOURCES, MosaicStage, load_trajectory
 
 __all__ = ["Reconstructor", "MODEL_NONE", "MODEL_LOADING", "MODEL_READY", "MODEL_ERROR",
            "ST_DISABLED", "ST_IDLE", "ST_RUNNING", "ST_OVERLOAD", "ST_ERROR", "PRE_PVS", "INSTRUMENT_PVS",
+           "FILE_PRE_PVS", "MASK_NAMES", "load_mask",
            "RETRAIN_IDLE", "RETRAIN_RUNNING", "RETRAIN_DONE", "RETRAIN_FAILED", "RETRAIN_REFUSED", "ADAPT_CMD_ENV",
            "adapt_command"]
 
@@ -78,12 +84,16 @@ RETRAIN_POLL_S = 0.2
 RETRAIN_STOP_S = 5.0
 #: the pre-processing setpoints (each has a _RBV)
 PRE_PVS = ("PreFFTShift", "PreFlipY", "PreFlipX", "PreTranspose", "PreCropSize", "PreCropX", "PreCropY", "PreBin",
-           "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath")
+           "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath", "PreMaskPath")
+#: the pre-processing setpoints that name a file (a dark frame, a bad-pixel mask), read on a worker thread
+FILE_PRE_PVS = ("PreDarkPath", "PreMaskPath")
 #: the PV of each instrument setting of :class:`Preprocess` (kept across a model swap); the model
 #: settings (PreCropSize, PreBin, PreScale, PreNormalise, PreNormValue) follow the model
 INSTRUMENT_PVS = {"fftshift": "PreFFTShift", "flip_y": "PreFlipY", "flip_x": "PreFlipX", "transpose": "PreTranspose",
                   "crop_center": "PreCropX/PreCropY", "threshold": "PreThreshold", "dark_path": "PreDarkPath",
-                  "mask_path": "(no PV: a bad-pixel mask is not settable yet)"}
+                  "mask_path": "PreMaskPath"}
+#: datasets (HDF5) or keys (NPZ) tried for a bad-pixel mask when the path names none
+MASK_NAMES = ("mask", "bad_pixels", "badpixels", "bad_pixel_mask", "pixel_mask")
 
 
 class Reconstructor:
@@ -131,6 +141,8 @@ class Reconstructor:
         self._model_info = None
         self._dark_path = ""
         self._dark: np.ndarray | None = None
+        self._mask_path = ""
+        self._mask: np.ndarray | None = None  # (H, W) bool, True = bad
         self._crop_xy = (-1, -1)
         self._stopping = False  # intake refused from the start of stop() on
         self._stopped = False
@@ -849,10 +861,14 @@ class Reconstructor:
     # -- pre-processing -----------------------------------------------------------
     def _preprocess_from_pvs(self, override: dict[str, Any] | None = None) -> Preprocess:
         v = {n: self.device.get(n) for n in PRE_PVS}
-        v.update(override or {})
+        # the files in use are this device's (a slow put stores its setpoint only after applying it)
+        v.update({"PreDarkPath": self._dark_path, "PreMaskPath": self._mask_path}, **(override or {}))
         if v["PreDarkPath"] != self._dark_path:
             self._dark = _load_dark(v["PreDarkPath"]) if v["PreDarkPath"] else None
             self._dark_path = v["PreDarkPath"]
+        if v["PreMaskPath"] != self._mask_path:
+            self._mask = load_mask(v["PreMaskPath"]) if v["PreMaskPath"] else None
+            self._mask_path = v["PreMaskPath"]
         cx, cy = v["PreCropX"], v["PreCropY"]
         self._crop_xy = (cx, cy)  # the centre applies once both are set
         pre = Preprocess(
@@ -865,6 +881,8 @@ class Reconstructor:
             bin=v["PreBin"],
             dark=self._dark,
             dark_path=self._dark_path or None,
+            mask=self._mask,
+            mask_path=self._mask_path or None,
             threshold=v["PreThreshold"],
             scale=SCALES[v["PreScale"]],
             normalise=NORMS[v["PreNormalise"]],
@@ -882,8 +900,8 @@ class Reconstructor:
 
     def _make_pre_handler(self, name: str):
         def handler(value: Any) -> Any:
-            if name == "PreDarkPath" and value != self._dark_path:  # a file to read: on a thread
-                return self._slow_put(name, value, lambda: self._apply_dark(value))
+            if name in FILE_PRE_PVS and value != self._file_setting(name)[1]:  # a file to read: on a thread
+                return self._slow_put(name, value, lambda: self._apply_file(name, value))
             try:
                 pre = self._preprocess_from_pvs({name: value})
             except (ValueError, OSError, KeyError) as exc:
@@ -893,24 +911,45 @@ class Reconstructor:
             return value
         return handler
 
-    def _apply_dark(self, path: str) -> str:
-        """PreDarkPath's slow part (a worker thread): read the dark frame with no lock held, then use it."""
+    def _file_setting(self, name: str) -> tuple[np.ndarray | None, str]:
+        """The array and the path of a file setting (PreDarkPath, PreMaskPath) now in use."""
+        return (self._dark, self._dark_path) if name == "PreDarkPath" else (self._mask, self._mask_path)
+
+    def _set_file_setting(self, name: str, arr: np.ndarray | None, path: str) -> None:
+        if name == "PreDarkPath":
+            self._dark, self._dark_path = arr, path
+        else:
+            self._mask, self._mask_path = arr, path
+
+    def _apply_file(self, name: str, path: str) -> str:
+        """A file setting's slow part (a worker thread): read the dark frame or the bad-pixel mask with no
+        lock held, then use it. A mask whose shape is not the streaming frames' is refused at once (with
+        no stream it is checked at the first frame: frames that do not fit are rejected and counted)."""
         try:
             if path:
                 _open_once(path)
-            dark = _load_dark(path) if path else None
+            arr = (_load_dark(path) if name == "PreDarkPath" else load_mask(path)) if path else None
         except (ValueError, OSError, KeyError) as exc:
-            raise PutError(f"PreDarkPath: {exc}") from None
+            raise PutError(f"{name}: {exc}") from None
+        if name == "PreMaskPath" and arr is not None:
+            frame = self.batcher.streaming_frame()
+            if frame is not None and frame.shape != arr.shape:
+                raise PutError(f"PreMaskPath: the mask {path} is {arr.shape[0]}x{arr.shape[1]} but the frames "
+                               f"streaming are {frame.shape[0]}x{frame.shape[1]}: expected the raw detector "
+                               "frame's shape")
         with self.device.handler_lock:
-            old = self._dark, self._dark_path
-            self._dark, self._dark_path = dark, path
+            old = self._file_setting(name)
+            self._set_file_setting(name, arr, path)
             try:
-                pre = self._preprocess_from_pvs({"PreDarkPath": path})  # the dark is read: no second read
+                pre = self._preprocess_from_pvs({name: path})  # the file is read: no second read
             except (ValueError, OSError, KeyError) as exc:
-                self._dark, self._dark_path = old
-                raise PutError(f"PreDarkPath: {exc}") from None
+                self._set_file_setting(name, *old)
+                raise PutError(f"{name}: {exc}") from None
             self.batcher.set_preprocess(pre)
             self._show_preprocess(pre, setpoints=False)
+        if name == "PreMaskPath":
+            self.message(f"bad-pixel mask {path}: {int(arr.sum())} pixel(s) zeroed" if arr is not None
+                         else "bad-pixel mask unloaded")
         return path
 
     def _show_preprocess(self, pre: Preprocess, setpoints: bool = True) -> None:
@@ -922,7 +961,7 @@ class Reconstructor:
             "PreTranspose": int(pre.transpose), "PreCropSize": pre.crop_size or 0,
             "PreCropX": cx, "PreCropY": cy, "PreBin": pre.bin, "PreThreshold": pre.threshold,
             "PreScale": SCALES.index(pre.scale), "PreNormalise": NORMS.index(pre.normalise),
-            "PreNormValue": pre.norm_value, "PreDarkPath": self._dark_path,
+            "PreNormValue": pre.norm_value, "PreDarkPath": self._dark_path, "PreMaskPath": self._mask_path,
         }
         for name, value in values.items():
             if setpoints:
@@ -1136,6 +1175,59 @@ def _open_once(path: str, mode: str = "rb") -> None:
             pass
     except OSError:
         pass
+
+
+def load_mask(path: str) -> np.ndarray:
+    """A bad-pixel mask (H, W) bool, True where the pixel is bad (non-zero in the file), in the raw
+    detector frame's coordinates.
+
+    ``.npy``; ``.npz`` (``file.npz::key``, else the first of :data:`MASK_NAMES`, else its only array);
+    HDF5 (``file.h5::/dataset``, else a dataset named one of :data:`MASK_NAMES`, else its only 2-D
+    dataset). One 2-D frame, or (1, H, W); boolean or numeric and finite. Raises FileNotFoundError,
+    or :class:`FileFormatError` naming the file, the dataset or key and what was expected.
+    """
+    file, key = split_dataset_path(path, None, "bad-pixel mask")
+    suffix = file.suffix.lower()
+    where = str(file)
+    if suffix == ".npy":
+        try:
+            arr = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise FileFormatError(f"{file}: cannot read as NPY ({exc}); expected a 2-D bad-pixel mask") from None
+    elif suffix == ".npz":
+        with open_npz(file) as z:
+            names = list(z.files)
+            key = key or next((k for k in MASK_NAMES if k in names), names[0] if len(names) == 1 else None)
+            if key not in names:
+                raise FileFormatError(f"{file}: no mask array {key!r}" if key else
+                                      f"{file}: which array is the mask? keys present: {', '.join(names) or 'none'}; "
+                                      f"expected one of {', '.join(MASK_NAMES)} (or name it: {file}::KEY)")
+            arr = np.asarray(z[key])
+        where = f"{file}:{key}"
+    elif is_hdf5(file):
+        import h5py
+
+        with h5py.File(file, "r") as h5:
+            name = key or next((n for n in (find_dataset(h5, m) for m in MASK_NAMES) if n), None)
+            if name is None:
+                two_d = [n for n in dataset_names(h5) if h5[n].ndim == 2]
+                name = two_d[0] if len(two_d) == 1 else None
+            if name is None:
+                raise FileFormatError(f"{file}: which dataset is the mask? datasets present: "
+                                      f"{', '.join(dataset_names(h5)) or 'none'}; expected one of "
+                                      f"{', '.join(MASK_NAMES)} (or name it: {file}::/DATASET)")
+            arr = np.asarray(h5_dataset(h5, name, file)[()])
+        where = f"{file}:{name}"
+    else:
+        raise FileFormatError(f"{file}: a bad-pixel mask is read from .npy, .npz or HDF5 (file.h5::/dataset)")
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or arr.dtype.kind not in "biuf":
+        raise FileFormatError(f"{where}: the bad-pixel mask must be one 2-D boolean or numeric frame (non-zero = "
+                              f"bad), the raw detector frame's shape; got {arr.dtype} {arr.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise FileFormatError(f"{where}: the bad-pixel mask holds NaN or infinite values; expected 0 or 1")
+    return np.asarray(arr != 0)
 
 
 def _load_dark(path: str) -> np.ndarray:

@@ -11,6 +11,10 @@ What pty-chi wants, and how a scan is brought to it:
   object pixel H // 2 for even frames, as in :mod:`ptychostream.sim.forward`; odd frames take half
   a pixel more.  The scan is re-centred on the middle of its position range (a whole number of
   pixels), which becomes the product's ``center_m``.
+* **Bad pixels**: pty-chi's valid-pixel mask (``valid_pixel_mask``, True = measured), shifted as the
+  data are; the masked pixels constrain nothing (LSQML, ePIE and DM all honour it).  Their values are
+  the median of their good neighbours, for the probe guess and its scaling (a zero there measurably
+  worsened LSQML: SSIM 0.97 -> 0.73 on the test scan with 12 masked pixels, masked or not).
 * **Probe**: (opr modes, incoherent modes, h, w) for the unnormalised FFT, i.e. our orthonormal
   probe divided by √(h·w); the product gets it back in the orthonormal convention, so
   ``|FFT_ortho(P·O)|²`` gives the measured counts, as for the simulator's probe.
@@ -82,14 +86,18 @@ class Prepared:
     probe: np.ndarray  # (modes, h, w) complex64, orthonormal convention
     probe_source: str  # "file" or "guess"
     half_px: float  # the odd-frame offset added to the positions (0 or 0.5)
+    valid: np.ndarray | None = None  # (h, w) bool, True = a measured pixel, zero frequency at (0, 0); None: all
 
 
 def _where(scan: Scan) -> str:
     return scan.source or "the scan"
 
 
-def prepare(scan: Scan, *, probe_modes: int = 1, margin_px: int = 4) -> Prepared:
+def prepare(scan: Scan, *, probe_modes: int = 1, margin_px: int = 4, bad_pixels: np.ndarray | None = None) -> Prepared:
     """Check ``scan`` and bring it to pty-chi's conventions: frames, positions, object shape, probe.
+
+    ``bad_pixels``: (H, W) bool (non-zero = bad) in the coordinates of the scan's canonical frames
+    (:meth:`Scan.canonical_frames`: centred, oriented); they become pty-chi's valid-pixel mask.
 
     Raises :class:`FileFormatError` naming the scan's source for no positions, a count that differs
     from the frames', NaN positions, non-square or non-finite frames, or a probe that is not
@@ -124,6 +132,18 @@ def prepare(scan: Scan, *, probe_modes: int = 1, margin_px: int = 4) -> Prepared
     if not np.isfinite(canon).all():
         raise FileFormatError(f"{where}: 'frames' hold NaN or infinite values; expected finite intensities")
     canon = np.clip(canon, 0.0, None)  # a dark subtraction may leave negative counts
+    valid = None
+    if bad_pixels is not None:
+        bad = np.asarray(bad_pixels)
+        if bad.shape != canon.shape[-2:] or bad.dtype.kind not in "biuf":
+            raise ValueError(f"{where}: bad_pixels must be a boolean {canon.shape[-2]}x{canon.shape[-1]} mask of the "
+                             f"canonical frames, got {bad.dtype} {bad.shape}")
+        bad = bad != 0
+        if bad.all():
+            raise ValueError(f"{where}: bad_pixels marks every pixel bad")
+        if bad.any():
+            canon = _fill_bad(canon, bad)  # for the probe guess and its scale; pty-chi ignores them
+            valid = np.ascontiguousarray(np.fft.ifftshift(~bad))
     patterns = np.ascontiguousarray(np.fft.ifftshift(canon, axes=(-2, -1)))
 
     # re-centre on the middle of the position range, by whole pixels, so the object stays on our grid
@@ -157,7 +177,18 @@ def prepare(scan: Scan, *, probe_modes: int = 1, margin_px: int = 4) -> Prepared
         source = "guess"
     modes = scale_to_frames(modes, canon)
     return Prepared(patterns, rel + half, (float(mid[0] * pixel_m), float(mid[1] * pixel_m)),
-                    (shape[0], shape[1]), pixel_m, modes, source, half)
+                    (shape[0], shape[1]), pixel_m, modes, source, half, valid)
+
+
+def _fill_bad(frames: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """``frames`` (N, H, W) with each ``bad`` pixel set to the median of its good 3x3 neighbours (wrapping;
+    0 when it has none), in place."""
+    h, w = bad.shape
+    for r, c in np.argwhere(bad):
+        rr, cc = np.meshgrid(np.arange(r - 1, r + 2) % h, np.arange(c - 1, c + 2) % w, indexing="ij")
+        good = ~bad[rr, cc]
+        frames[:, r, c] = np.median(frames[:, rr[good], cc[good]], axis=1) if good.any() else 0.0
+    return frames
 
 
 def _options(engine: str) -> Any:
@@ -179,7 +210,8 @@ def _run_task(opts: Any, prep: Prepared, obj: np.ndarray, probe: np.ndarray, ite
     from ptychi.api.task import PtychographyTask
 
     task = PtychographyTask(opts, diffraction_data=prep.patterns, object_data=obj, probe_data=probe,
-                            probe_position_y_px=prep.positions_px[:, 0], probe_position_x_px=prep.positions_px[:, 1])
+                            probe_position_y_px=prep.positions_px[:, 0], probe_position_x_px=prep.positions_px[:, 1],
+                            valid_pixel_mask=prep.valid)
     with task:  # frees the accelerator's cache on the way out
         if device == "cpu":  # the task set a default-device mode: a Python hook on every torch call
             torch.set_default_device(None)
@@ -203,7 +235,8 @@ def _run_task(opts: Any, prep: Prepared, obj: np.ndarray, probe: np.ndarray, ite
 def reconstruct(scan: Scan, *, engine: Engine = "lsqml", iterations: int = 100, probe_modes: int = 1,
                 refine_probe: bool = True, refine_positions: bool = False, device: str = "cpu",
                 batch_size: int | None = None, progress: Progress | None = None, seed: int = 0,
-                probe_start: int | None = None, positions_start: int | None = None) -> Reconstruction:
+                probe_start: int | None = None, positions_start: int | None = None,
+                bad_pixels: np.ndarray | None = None) -> Reconstruction:
     """Reconstruct ``scan`` with pty-chi's ``engine`` (LSQML, ePIE or DM) for ``iterations`` epochs.
 
     The probe starts from the scan's probe (cropped or padded to the frame size; missing modes
@@ -213,7 +246,9 @@ def reconstruct(scan: Scan, *, engine: Engine = "lsqml", iterations: int = 100, 
     a fifth of the epochs); the product then holds the refined positions.  ``device``: ``"cpu"`` or
     ``"cuda"``; ``batch_size``: frames per update (default: about a tenth of the scan, 16 to 256, for
     LSQML and ePIE; the whole scan for DM).  ``progress(done, total, loss)`` is called after
-    every epoch.  pty-chi's global torch settings (default device and dtype) are restored afterwards.
+    every epoch.  ``bad_pixels``: (H, W) bool, True = bad, in the canonical frames' coordinates
+    (hot or dead pixels): pty-chi's valid-pixel mask, so they constrain nothing (see :func:`prepare`).
+    pty-chi's global torch settings (default device and dtype) are restored afterwards.
 
     Returns a :class:`Reconstruction` (a :class:`~ptychostream.files.product.Product`): the object
     (H, W) complex whose centre pixel (H // 2, W // 2) lies at ``center_m``, the first probe mode and
@@ -232,7 +267,7 @@ def reconstruct(scan: Scan, *, engine: Engine = "lsqml", iterations: int = 100, 
         raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
     iterations = int(iterations)
     t0 = time.monotonic()
-    prep = prepare(scan, probe_modes=probe_modes)
+    prep = prepare(scan, probe_modes=probe_modes, bad_pixels=bad_pixels)
     n, h, w = prep.patterns.shape
     if batch_size is None:
         batch_size = n if engine == "dm" else int(np.clip(n // 10, 16, 256))
@@ -287,7 +322,7 @@ def reconstruct(scan: Scan, *, engine: Engine = "lsqml", iterations: int = 100, 
     settings = {"engine": engine, "iterations": iterations, "probe_modes": int(prep.probe.shape[0]),
                 "refine_probe": bool(refine_probe), "refine_positions": bool(refine_positions),
                 "device": device, "batch_size": batch_size, "seed": int(seed), "probe_source": prep.probe_source,
-                "frames": n, "frame_size": h}
+                "frames": n, "frame_size": h, "bad_pixels": 0 if prep.valid is None else int((~prep.valid).sum())}
     modes = np.asarray(out_probe, dtype=np.complex64)
     return Reconstruction(object=np.asarray(out_obj, dtype=np.complex64), pixel_m=prep.pixel_m,
                           center_m=prep.center_m, probe=modes[0], probe_pixel_m=prep.pixel_m,

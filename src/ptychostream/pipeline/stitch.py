@@ -78,6 +78,12 @@ class MosaicStage(threading.Thread):
         self.settings = MosaicSettings()
         self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_LIMIT)
         self._inbox_bytes = 0  # inference outputs in the inbox; += on the publisher's thread, -= here
+        # frames handed to this stage and not yet in a settled count (see status()): += on the publisher's
+        # thread, -= when the stitch thread settles its counts (_settle), both under _bytes_lock
+        self._inbox_frames = 0
+        self._taken = 0  # frames taken from the inbox since the last _settle (stitch thread)
+        self._settled: dict[str, int] = {"Stitched_RBV": 0, "Unpositioned_RBV": 0, "PositionErrors_RBV": 0,
+                                         "PositionWait_RBV": 0}
         self._bytes_lock = threading.Lock()
         self.joiner = PositionJoiner(timeout_s=self.settings.timeout_s)
         self.motors = TimestampMatcher(tolerance_s=0.02)
@@ -109,6 +115,7 @@ class MosaicStage(threading.Thread):
             full = self._inbox_bytes > 0 and self._inbox_bytes + size > INBOX_BYTES
             if not full:
                 self._inbox_bytes += size
+                self._inbox_frames += n
         if not full:
             light = BatchResult([ImageFrame(_NO_PIXELS, f.unique_id, f.timestamp, f.data_timestamp, f.attributes)
                                  for f in result.frames], result.outputs, result.latency_s, result.model_id,
@@ -119,6 +126,7 @@ class MosaicStage(threading.Thread):
             except queue.Full:
                 with self._bytes_lock:
                     self._inbox_bytes -= size
+                    self._inbox_frames -= n
         self.lost += n
         self.message(f"stitcher behind: {n} frame(s) not stitched", 1)
 
@@ -166,6 +174,8 @@ class MosaicStage(threading.Thread):
             except Exception as exc:  # the stage must survive anything a frame brings
                 _log.exception("stitch stage error")
                 self.message(f"stitch error: {exc}", 2)
+            finally:
+                self._settle()
 
     def _drain(self, msg: tuple, most: int = MESSAGES_PER_PASS) -> None:
         """Handle ``msg`` and what else is waiting (up to ``most`` in all), stitching the positioned
@@ -186,12 +196,14 @@ class MosaicStage(threading.Thread):
                     self._handle(msg)
         finally:
             self._stitch(ready)
+            self._settle()
 
     def _joined(self, msg: tuple) -> list[tuple[int, _Patch, tuple[float, float]]]:
         """The patches a batch or a position chunk makes ready (joined with their positions)."""
         if msg[0] == "batch":
             with self._bytes_lock:
                 self._inbox_bytes -= msg[2]
+            self._taken += len(msg[1].frames)  # still counted in _inbox_frames until _settle
             return self._on_batch(msg[1])
         _, uids, y, x = msg
         s = self.settings.scale
@@ -372,16 +384,37 @@ class MosaicStage(threading.Thread):
                                   f"({m.phase.shape[1]}x{m.phase.shape[0]} px)")
         d.set("MosaicCoverage_RBV", round(100.0 * float(m.mask.mean()), 1))
 
-    # -- status (IOC scan task) ---------------------------------------------------------
-    def status(self) -> dict[str, int]:
+    def _settle(self) -> None:
+        """Stitch thread, between passes (no patch in hand): take the counts, and move the frames taken
+        from the inbox since the last call out of the inbox count, in one step, so that a frame is always
+        in exactly one of the counts :meth:`status` gives."""
         c = self.joiner.counts
-        return {
+        settled = {
             "Stitched_RBV": self.stitcher.n_patches if self.stitcher else 0,
-            "Unpositioned_RBV": c["unpositioned"] + self.unpositioned + self.lost,
+            "Unpositioned_RBV": c["unpositioned"] + self.unpositioned,
             "PositionErrors_RBV": (c["nan_positions"] + c["out_of_range"] + c["duplicate_frames"]
                                    + c["conflicting_positions"] + self.stitch_rejects),
             "PositionWait_RBV": self.joiner.n_pending + len(self._motor_wait),
         }
+        with self._bytes_lock:
+            self._inbox_frames -= self._taken
+            self._taken = 0
+            self._settled = settled
+
+    # -- status (IOC scan task) ---------------------------------------------------------
+    def status(self) -> dict[str, int]:
+        """The stage's counters, from any thread: Stitched, Unpositioned (with the frames the inbox could
+        not take), PositionErrors, PositionWait and StitchBacklog (frames handed to this stage, not yet
+        stitched or counted: in the inbox, in hand, waiting for a position in the joiner or for a motor
+        sample). Once every processed frame has reached this stage, ``Processed = Stitched + Unpositioned
+        + PositionErrors + StitchBacklog`` (until a MosaicReset; a bad entry of the position stream also
+        counts as a position error)."""
+        with self._bytes_lock:
+            out = dict(self._settled)
+            inbox = self._inbox_frames
+        out["Unpositioned_RBV"] += self.lost
+        out["StitchBacklog_RBV"] = max(0, inbox) + out["PositionWait_RBV"]
+        return out
 
 
 def load_trajectory(path: str, scale: float) -> PatternPositions:
