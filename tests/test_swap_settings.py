@@ -65,17 +65,25 @@ def phase_of(r: Reconstructor, raw: np.ndarray, uid: int, seen: dict[int, np.nda
     return seen[uid]
 
 
-def test_swap_keeps_instrument_settings_and_takes_the_models(rec, models):
-    first, second, dark_path, dark = models
+def serve_with_instrument_settings(rec: Reconstructor, model) -> dict[int, np.ndarray]:
+    """Enable, publish every frame, load ``model`` and put the INSTRUMENT settings; returns the
+    Phase outputs by uniqueId, filled as they are published."""
     d = rec.device
     seen: dict[int, np.ndarray] = {}
     d.add_image_sink(lambda spec, f: seen.__setitem__(f.unique_id, np.array(f.array)) if spec.suffix == "Phase"
                      else None)
     for name, value in {"Enable": 1, "PublishRate": 0}.items():
         d.put(name, value)
-    load(rec, first)
+    load(rec, model)
     for name, value in INSTRUMENT.items():
         d.put(name, value)
+    return seen
+
+
+def test_swap_keeps_instrument_settings_and_takes_the_models(rec, models):
+    first, second, dark_path, dark = models
+    d = rec.device
+    seen = serve_with_instrument_settings(rec, first)
     d.put("PreDarkPath", dark_path).done.result(timeout=10)  # a file read: the put completes later
     assert d.get("PreDarkPath_RBV") == dark_path
     raw = np.random.default_rng(1).poisson(30, (RAW, RAW)).astype(np.uint16)
@@ -133,14 +141,7 @@ def test_bad_pixel_mask_zeroes_the_pixels_and_survives_a_swap(rec, models, tmp_p
 
     first, second, _, _ = models
     d = rec.device
-    seen: dict[int, np.ndarray] = {}
-    d.add_image_sink(lambda spec, f: seen.__setitem__(f.unique_id, np.array(f.array)) if spec.suffix == "Phase"
-                     else None)
-    for name, value in {"Enable": 1, "PublishRate": 0}.items():
-        d.put(name, value)
-    load(rec, first)
-    for name, value in INSTRUMENT.items():
-        d.put(name, value)
+    seen = serve_with_instrument_settings(rec, first)
     rng = np.random.default_rng(4)
     mask = rng.random((RAW, RAW)) < 0.05
     path = str(tmp_path / "mask.npy")
