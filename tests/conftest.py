@@ -76,11 +76,14 @@ def next_slot() -> Slot:
 
 
 @contextmanager
-def detector_and_reconstructor(sim_prefix: str, rec_prefix: str) -> Iterator[tuple[_IOCProcess, _IOCProcess]]:
-    """A simdet IOC and a reconstructor IOC (PVA only) on the test network, stopped on exit."""
+def detector_and_reconstructor(sim_prefix: str, rec_prefix: str, *,
+                               rec_ca: bool = False) -> Iterator[tuple[_IOCProcess, _IOCProcess]]:
+    """A simdet IOC and a reconstructor IOC on the test network, stopped on exit; PVA only, but for
+    the reconstructor's CA with ``rec_ca``."""
     sim = IOCProcess(["simdet", "--prefix", sim_prefix, "--no-ca"], sim_prefix, next_slot()).start()
     try:
-        rec = IOCProcess(["ioc", "--prefix", rec_prefix, "--no-ca"], rec_prefix, next_slot()).start()
+        rec_args = ["ioc", "--prefix", rec_prefix] + ([] if rec_ca else ["--no-ca"])
+        rec = IOCProcess(rec_args, rec_prefix, next_slot()).start()
         try:
             yield sim, rec
         finally:

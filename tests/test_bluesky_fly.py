@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import IOCProcess, next_slot, text, wait_for
+from conftest import detector_and_reconstructor, text, wait_for
 
 pytest.importorskip("bluesky", reason="needs the 'bluesky' extra")
 pytest.importorskip("ophyd_async", reason="needs the 'bluesky' extra")
@@ -19,15 +19,8 @@ S = "TST:BF:SIM:"
 
 @pytest.fixture(scope="module")
 def iocs():
-    sim = IOCProcess(["simdet", "--prefix", S, "--no-ca"], S, next_slot()).start()
-    try:
-        rec = IOCProcess(["ioc", "--prefix", R], R, next_slot()).start()  # CA too: the classic ophyd test
-        try:
-            yield sim, rec
-        finally:
-            rec.stop()
-    finally:
-        sim.stop()
+    with detector_and_reconstructor(S, R, rec_ca=True) as pair:  # CA too: the classic ophyd test
+        yield pair
 
 
 @pytest.fixture(scope="module")
