@@ -339,6 +339,15 @@ def test_reconnects_when_the_detector_ioc_restarts(iocs, ctx, models):
     wait_for(lambda: int(ctx.get(R + "InputConnected_RBV")) == 0, timeout=15, message="disconnect seen")
     sim.start()
     wait_for(lambda: int(ctx.get(R + "InputConnected_RBV")) == 1, timeout=30, message="reconnected")
+
+    def client_reaches_simdet() -> bool:  # this test's own client searches for the new server too
+        try:
+            ctx.get(S + "cam1:ImageMode", timeout=1)
+        except TimeoutError:
+            return False
+        return True
+
+    wait_for(client_reaches_simdet, timeout=30, message="the test's client reconnected to simdet")
     reset(ctx)
     sim_acquire(ctx, 50, 0.002)
     c = wait_for(lambda: (lambda c: c if c["Processed"] + c["Rejected"] + c["Dropped"] >= 50 else None)(counters(ctx)),
