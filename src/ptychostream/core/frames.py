@@ -31,3 +31,5 @@ class BatchResult:
     latency_s: np.ndarray
     model_id: str
     pixel_m: float | None = None
+    #: per-frame physics-consistency figure (NaN where a frame was not sampled); None: not computed
+    consistency: np.ndarray | None = None

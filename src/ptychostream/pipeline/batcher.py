@@ -144,6 +144,10 @@ class RecentFrames:
             self._total = 0
 
 
+#: model, pre-processing, raw frames (n, H, W), model inputs (n, h, w), outputs -> (n,) or None
+AfterInfer = Callable[[Model, Preprocess, np.ndarray, np.ndarray, dict[str, np.ndarray]], "np.ndarray | None"]
+
+
 class Batcher(threading.Thread):
     """One inference thread. ``model`` may be None: frames then wait in the queue.
 
@@ -178,6 +182,10 @@ class Batcher(threading.Thread):
         self.health = OutputHealth()
         self.on_health: Callable[[int, str], None] = lambda severity, text: None
         self.recent = RecentFrames()
+        #: ``after_infer(model, pre, raw, inputs, outputs)`` runs on this thread after each inferred
+        #: group of finite outputs and returns a per-frame figure (n,) or None; it is the hook of the
+        #: physics-consistency check. A failure is logged, never costs a frame.
+        self.after_infer: AfterInfer | None = None
 
     # -- control (any thread) ---------------------------------------------------
     def swap(self, model: Model | None, preprocess: Preprocess) -> threading.Event:
@@ -305,7 +313,8 @@ class Batcher(threading.Thread):
                 if not group:
                     return
         try:
-            outputs = model.infer(pre.apply(raw))
+            inputs = pre.apply(raw)
+            outputs = model.infer(inputs)
         except Exception as exc:  # a failing batch is counted, the loop goes on
             _log.exception("inference failed")
             self._reject(len(group), f"inference failed: {exc}")
@@ -315,6 +324,7 @@ class Batcher(threading.Thread):
         if n_bad:
             group = _select(group, ~bad)
             outputs = {label: arr[~bad] for label, arr in outputs.items()}
+            raw, inputs = raw[~bad], inputs[~bad]
         changed = self.health.add(bad)
         if n_bad:
             self.counters.add("nonfinite", n_bad)
@@ -324,7 +334,20 @@ class Batcher(threading.Thread):
         if changed:
             self._tell_health(self.health.severity, self._health_text(model))
         if group:
-            self._publish(model, group, outputs)
+            figure = self._after_infer(model, pre, raw, inputs, outputs)
+            self._publish(model, group, outputs, figure)
+
+    def _after_infer(self, model: Model, pre: Preprocess, raw: np.ndarray, inputs: np.ndarray,
+                     outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        hook = self.after_infer
+        if hook is None:
+            return None
+        try:
+            figure = hook(model, pre, raw, inputs, outputs)
+        except Exception:  # a check must not cost a frame
+            _log.exception("the after-inference check failed")
+            return None
+        return None if figure is None else np.asarray(figure, dtype=np.float32).reshape(len(raw))
 
     def _tell_health(self, severity: int, text: str) -> None:
         try:
@@ -339,14 +362,15 @@ class Batcher(threading.Thread):
                     "those frames are rejected, not published; check the model and the pre-processing")
         return f"model {model.info.name} outputs are finite again ({k} of its last {seen} frames NaN or inf)"
 
-    def _publish(self, model: Model, group: list[QueuedFrame], outputs: dict[str, np.ndarray]) -> None:
+    def _publish(self, model: Model, group: list[QueuedFrame], outputs: dict[str, np.ndarray],
+                 consistency: np.ndarray | None = None) -> None:
         """Hand finite results on and count them processed (a failing listener rejects them)."""
         now = time.monotonic()
         latency = np.array([now - q.received for q in group])
         try:
             self.publisher.publish(BatchResult(
                 frames=[q.frame for q in group], outputs=outputs, latency_s=latency,
-                model_id=model.info.model_id, pixel_m=model.info.pixel_m,
+                model_id=model.info.model_id, pixel_m=model.info.pixel_m, consistency=consistency,
             ))
         except Exception as exc:  # counted, the loop goes on
             _log.exception("publishing failed")
