@@ -48,9 +48,11 @@ import importlib
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (benchmarks/run.py: Pipeline, Opts, ceilings, the sustained-rate rule)
 
 MODELS = ("null", "tiny", "shipped")
+#: --stall's longest stop: below the 5 s timeout of the harness's reads of the reconstructor's PVs
+STALL_MAX_S = 4.5
 #: RSS judgement: samples after this share of the run (by time) ...
 WARMUP_FRACTION = 0.2
 #: ... are flat when max/min - 1 is at most this ...
@@ -267,6 +271,10 @@ class Sampler:
     _next: float = 0.0
     _bar: Any = None
     _task: Any = None
+    #: (at_s, for_s): stop the reconstructor (SIGSTOP) ``at_s`` into the stream for ``for_s`` s, a load
+    #: spike on demand: the frames pile up in its queues and must all come back out
+    stall: tuple[float, float] | None = None
+    stalled: list[float] = field(default_factory=list)
 
     def __enter__(self) -> "Sampler":
         if sys.stdout.isatty() and not self.quiet:
@@ -301,6 +309,8 @@ class Sampler:
         return s
 
     def __call__(self, now: float, c: dict[str, int]) -> None:
+        if self.stall is not None and not self.stalled and now - self.t0 >= self.stall[0]:
+            self._stall(now)
         if now < self._next:
             return
         self._next += self.every
@@ -313,6 +323,18 @@ class Sampler:
             self._bar.update(self._task, completed=c["Processed"], info=info)
         else:
             print(f"[soak] {s['t_s']:8.0f} s  processed {c['Processed']}/{self.total}  {info}", flush=True)
+
+
+    def _stall(self, now: float) -> None:
+        assert self.stall is not None and self.p.rec_ioc is not None and self.p.rec_ioc.proc is not None
+        pid = self.p.rec_ioc.proc.pid
+        self.stalled.append(round(now - self.t0, 2))
+        os.kill(pid, signal.SIGSTOP)
+        timer = threading.Timer(self.stall[1], os.kill, (pid, signal.SIGCONT))
+        timer.daemon = True
+        timer.start()
+        if not self.quiet:
+            print(f"[soak] {now - self.t0:8.0f} s  reconstructor stopped (SIGSTOP) for {self.stall[1]:g} s", flush=True)
 
 
 def drain_mosaic(p: bench.Pipeline, processed: int, timeout: float) -> tuple[dict[str, int], float]:
@@ -402,10 +424,11 @@ class Run:
                     and a["not_stitched"] == 0)
 
 
-def acquire(p: bench.Pipeline, n: int, rate: float, every: float, quiet: bool = False) -> Run:
+def acquire(p: bench.Pipeline, n: int, rate: float, every: float, quiet: bool = False,
+            stall: tuple[float, float] | None = None) -> Run:
     """Stream ``n`` frames at ``rate`` (0: full speed) through a warm pipeline, sampling every ``every``
     s, then let the mosaic account for them and take a last sample."""
-    with Sampler(p, n, every, quiet=quiet) as sampler:
+    with Sampler(p, n, every, quiet=quiet, stall=stall) as sampler:
         s = p.stream(n, period=1.0 / rate if rate else 0.0, during=sampler)
         mosaic, drain_s = drain_mosaic(p, s.counters["Processed"], MOSAIC_DRAIN_S)
         sampler.sample(time.perf_counter(), p.counters())
@@ -413,11 +436,12 @@ def acquire(p: bench.Pipeline, n: int, rate: float, every: float, quiet: bool = 
     return Run(s, int(ctx.get(p.SIM + "cam1:NumImagesCounter_RBV")), sampler, mosaic, drain_s)
 
 
-def soak(p: bench.Pipeline, n: int, rate: float, every: float) -> dict[str, Any]:
+def soak(p: bench.Pipeline, n: int, rate: float, every: float,
+         stall: tuple[float, float] | None = None) -> dict[str, Any]:
     """One long acquisition: counters, accounting, the RSS verdict and every sample."""
-    r = acquire(p, n, rate, every)
+    r = acquire(p, n, rate, every, stall=stall)
     samples = r.sampler.samples
-    return {"stream": r.stream.data(), "counters": r.stream.counters, "extra_counters": extra_counters(p),
+    return {"stalled_at_s": r.sampler.stalled, "stream": r.stream.data(), "counters": r.stream.counters, "extra_counters": extra_counters(p),
             "accounting": r.accounting, "all_accounted": r.ok, "duration_s": round(r.stream.done - r.stream.t0, 1),
             "rss": judge_rss([x["t_s"] for x in samples], [x["rss_mib"] for x in samples]),
             "final": samples[-1], "samples": samples}
@@ -614,6 +638,17 @@ def rejudge(path: str, png: str | None) -> int:
     return 0
 
 
+def _stall(text: str) -> tuple[float, float]:
+    try:
+        at, secs = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stall takes AT:SECONDS (e.g. 60:5), not {text!r}") from None
+    if at < 0 or not 0 < secs < STALL_MAX_S:
+        raise argparse.ArgumentTypeError(f"--stall {text}: AT must be >= 0 and SECONDS in (0, {STALL_MAX_S:g}): "
+                                         "the harness's own reads of a stopped IOC time out after 5 s")
+    return at, secs
+
+
 def _rates(text: str) -> list[float]:
     """--probe: comma-separated positive rates."""
     values = [float(v) for v in text.split(",") if v]
@@ -663,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--census", action="store_true", help="the gc census of the reconstructor alone (no "
                                                           "tracemalloc, which slows it down)")
     ap.add_argument("--trace-every", type=float, default=60.0, help="seconds between tracemalloc snapshots")
+    ap.add_argument("--stall", type=_stall, metavar="AT:SECONDS",
+                    help="stop the reconstructor (SIGSTOP) AT s into the stream for SECONDS: a load spike on demand")
     ap.add_argument("--require-flat", action="store_true", help="exit 1 when the RSS is not flat")
     ap.add_argument("--out", help="write the result (JSON) here")
     ap.add_argument("--plot", metavar="FILE.png", help="plot RSS against time")
@@ -722,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                       "frames/s", flush=True)
                 ok = True
             else:
-                result |= soak(p, args.frames, args.rate, args.sample_s)
+                result |= soak(p, args.frames, args.rate, args.sample_s, stall=args.stall)
                 if tracing:
                     warm_s = result["rss"].get("warmup_end_s") or 0.0
                     result["tracemalloc"] = trace_report(trace, warm_s)

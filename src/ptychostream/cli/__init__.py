@@ -11,6 +11,9 @@ __all__ = ["main"]
 
 
 def _cmd_ioc(args: argparse.Namespace) -> int:
+    from ptychostream.core.memory import Trimmer, tune_allocator
+
+    tune_allocator()  # before the data path's threads allocate (see core/memory.py)
     from ptychostream.devices.reconstructor import Reconstructor
     from ptychostream.protocols.server import apply_startup_values, load_config, serve
 
@@ -27,9 +30,12 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"ptychostream ioc {prefix} ready (PVA{' + CA' if ca else ''}, {len(recon.device.db)} PVs)", flush=True)
 
+    trimmer = Trimmer()
+    trimmer.start()
     try:  # on SIGTERM/SIGINT the device stops first (recon.stop: the cut point), then the servers
         asyncio.run(serve(recon.device, prefix, ca=ca, tasks=[recon.status_task], ready=ready, shutdown=recon.stop))
     finally:
+        trimmer.stop()
         recon.stop()  # a no-op after a clean stop; the servers are gone if serve() failed
     return 0
 

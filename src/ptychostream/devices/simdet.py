@@ -394,7 +394,10 @@ class SimDetector:
 
 def run_simdet(args: argparse.Namespace) -> int:
     """``ptychostream simdet``: serve a SimDetector until SIGINT/SIGTERM."""
+    from ptychostream.core.memory import Trimmer, tune_allocator
     from ptychostream.protocols.server import apply_startup_values, load_config, serve
+
+    tune_allocator()
 
     config = load_config(args.config)
     det = SimDetector()
@@ -408,8 +411,11 @@ def run_simdet(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"ptychostream simdet {prefix} ready (image {prefix}Pva1:Image)", flush=True)
 
+    trimmer = Trimmer()
+    trimmer.start()
     try:
         asyncio.run(serve(det.device, prefix, ca=args.ca, tasks=[det.status_task], ready=ready))
     finally:
+        trimmer.stop()
         det.stop()
     return 0
