@@ -29,11 +29,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m ptychostream.cli.demo $(DEMO_ARGS)
 
-# mypy first (files and settings in pyproject's [tool.mypy]); pytest in a random order within and
-# across modules (the seed is printed in the header: --random-order-seed=N repeats an order)
+# mypy first (files and settings in pyproject's [tool.mypy]); then the GPU script's dry run on the
+# CPU (about a minute; a failed step does not stop make: tests/test_benchmarks.py reads its output
+# from GPU_CHECK_OUT and fails on it); pytest in a random order within and across modules (the seed
+# is printed in the header: --random-order-seed=N repeats an order)
+GPU_CHECK_OUT := build/gpu-check-dry
 test: $(STAMP) $(TRAIN_STAMP)
 	$(PY) -m mypy
-	$(PY) -m pytest -p random_order --random-order-bucket=module $(PYTEST_ARGS)
+	rm -rf $(GPU_CHECK_OUT)
+	-PYTHON=$(PY) bash benchmarks/gpu_check.sh --dry-run --out $(GPU_CHECK_OUT)
+	PTYCHOSTREAM_GPU_CHECK_OUT=$(abspath $(GPU_CHECK_OUT)) $(PY) -m pytest -p random_order --random-order-bucket=module $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

@@ -4,6 +4,8 @@
   python benchmarks/run.py                 # every benchmark, full size
   python benchmarks/run.py --quick         # seconds: checks the harness, not speed
   python benchmarks/run.py --only sweep,burst,swap --backend PyTorch-CUDA --size 64 --plot sweep.png
+  python benchmarks/run.py --only host,profile --json host.json   # the host data path, null model
+  python benchmarks/run.py --only sweep --rates 1000,4000,8000 --step-s 2   # absolute input rates
 
 Benchmarks (--only, comma-separated):
   simdet    simulated detector -> p4p client, next to the raw p4p transport ceiling
@@ -14,8 +16,14 @@ Benchmarks (--only, comma-separated):
   burst     a burst at simdet's full speed into a large queue: peak backlog, drain time, rate
   swap      a hot model swap (put ModelPath) while frames stream: frames lost, put -> serving
   pvapy     pvapy-ad-sim-server -> pvapy-hpc-consumer, next to the raw p4p transport ceiling
+  host      a bare p4p producer (pre-built frames, full speed or paced) -> the reconstructor with a null
+            model (PublishRate 10, stitched by position attributes) at 64, 128, 256 and 516 px (516 and
+            256 cropped/binned to 128): the highest rate with zero loss and a 20,000-frame burst, next
+            to a bare p4p client of the same producer in the same run
+  profile   py-spy samples the reconstructor of the host benchmark at 128 px: us/frame per stage
 
 --backend goes to the reconstructor's Backend PV and to the inference ceiling alike.
+benchmarks/gpu_check.sh runs the tests and benchmarks of a GPU machine in one command.
 Every EPICS process runs on a private loopback network (127.0.0.1, free ports).
 Results go to stdout as a Markdown table (and to --json FILE; rows carry their raw numbers
 under "data").
@@ -45,7 +53,7 @@ import numpy as np
 from ptychostream.model.backends import BACKEND_CHOICES, backend_unavailable_reason
 from ptychostream.testing import EpicsNet, IOCProcess
 
-BENCHES = ("simdet", "pipeline", "stitch", "sweep", "burst", "swap", "pvapy")
+BENCHES = ("simdet", "pipeline", "stitch", "sweep", "burst", "swap", "pvapy", "host", "profile")
 
 #: sweep: input rates as fractions of the inference ceiling measured in the same run
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5)
@@ -69,6 +77,8 @@ PVAPY_QUEUE = 1024
 POLL_S = 0.02
 
 ROWS: list[dict] = []
+#: --json FILE: rewritten after every row, so a run stopped half-way leaves what it measured
+JSON_OUT: Path | None = None
 
 
 @dataclass
@@ -80,6 +90,14 @@ class Opts:
     size: int
     tmp: Path
     fractions: tuple[float, ...] | None = None
+    #: sweep: input rates in frames/s instead of fractions of the ceiling; seconds per rate
+    rates: tuple[float, ...] | None = None
+    step_s: float | None = None
+    #: swap: stream at most this many frames/s (a GPU's half ceiling is beyond what simdet publishes)
+    max_rate: float | None = None
+    #: host: frame sizes; profile: the paced rate (0: PROFILE_SHARE of the sustained one)
+    host_sizes: tuple[int, ...] | None = None
+    profile_rate: float = 0.0
 
     @property
     def batch(self) -> int:
@@ -101,6 +119,8 @@ def row(bench: str, what: str, value: float, unit: str, ceiling: float | None = 
          "ceiling_what": ceiling_what, "ratio": round(value / ceiling, 3) if ceiling else None, "note": note,
          "data": data}
     ROWS.append(r)
+    if JSON_OUT is not None:
+        JSON_OUT.write_text(json.dumps(ROWS, indent=1))
     ratio = f"  ({100 * r['ratio']:.0f}% of {ceiling_what} {_fmt(ceiling)} {unit})" if ceiling else ""
     print(f"[{bench}] {what}: {_fmt(value)} {unit}{ratio} {note}", flush=True)
 
@@ -552,7 +572,9 @@ def bench_sweep(net: EpicsNet, o: Opts) -> None:
     path = model_file(o.tmp, size)
     ceiling, be = inference_ceiling(path, o.backend, batch, size, o.quick)
     fractions = sorted(o.fractions or (SWEEP_FRACTIONS_QUICK if o.quick else SWEEP_FRACTIONS))
-    step_s = SWEEP_STEP_S_QUICK if o.quick else SWEEP_STEP_S
+    if o.rates:  # absolute rates, as fractions of this run's ceiling
+        fractions = sorted(r / ceiling for r in o.rates)
+    step_s = o.step_s or (SWEEP_STEP_S_QUICK if o.quick else SWEEP_STEP_S)
     backlog = max(2 * batch, round(SWEEP_BUFFER_S * ceiling))
     steps: list[tuple[float, float, Stream]] = []
     with Pipeline(net, path, o, batch, backlog=backlog, scan_points=256 if o.quick else 1000) as p:
@@ -619,7 +641,7 @@ def bench_swap(net: EpicsNet, o: Opts) -> None:
     path, path2 = model_file(o.tmp, size, seed=0), model_file(o.tmp, size, seed=1)
     ceiling, be = inference_ceiling(path, o.backend, batch, size, o.quick)
     idle_s = load_time(path2, o.backend, batch)
-    rate = SWAP_FRACTION * ceiling
+    rate = min(SWAP_FRACTION * ceiling, o.max_rate or float("inf"))
     n = max(8 * batch, round(rate * (SWAP_STREAM_S_QUICK if o.quick else SWAP_STREAM_S)))
     new_id = load_model_file(path2).model_id
     t: dict[str, float] = {}
@@ -717,6 +739,523 @@ def bench_pvapy(net: EpicsNet, o: Opts) -> None:
         first_id=first, last_id=last, overruns=int(overruns))
 
 
+# -- host path: a bare p4p producer -> the null-model reconstructor, next to a bare p4p client --------
+#: frame sizes of the host benchmark; frames larger than HOST_MODEL_PX are cropped and binned to it
+#: by the model's pre-processing (Preprocess.fit_to: 256 -> bin 2, 516 -> crop 512, bin 4)
+HOST_SIZES, HOST_SIZES_QUICK = (64, 128, 256, 516), (64, 516)
+HOST_MODEL_PX = 128
+#: the burst at the producer's full speed, and the zero-loss search: steps of HOST_STEP_S seconds
+HOST_BURST, HOST_BURST_QUICK = 20000, 2000
+HOST_STEPS, HOST_STEPS_QUICK = 6, 2
+HOST_STEP_S, HOST_STEP_S_QUICK = 3.0, 1.0
+#: the bare client and the reconstructor both ask the server for this monitor queue
+HOST_QUEUE = 1024
+#: pre-built frames, one per scan position (a HOST_GRID x HOST_GRID raster), cycled by uniqueId
+HOST_GRID = 8
+#: seconds without a new frame after the producer finished: the stream is over
+HOST_QUIET_S = 0.5
+#: the profile: seconds py-spy samples the reconstructor, samples per second
+PROFILE_S, PROFILE_S_QUICK = 6.0, 2.0
+PROFILE_HZ = 100
+#: the profile's paced rate, as a share of the host row's sustained rate (py-spy takes CPU too)
+PROFILE_SHARE = 0.8
+
+HOST_PRODUCER = textwrap.dedent("""
+    # a bare NTNDArray producer: pre-built frames, consecutive uniqueIds, posted as fast as asked
+    import sys, time, numpy as np
+    from p4p.nt import NTNDArray
+    from p4p.server import Server
+    from p4p.server.thread import SharedPV
+    size, grid, step = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    nt = NTNDArray()
+    same = lambda v, **kw: v
+    pv = SharedPV(initial=nt.wrap(np.zeros((size, size), np.uint16)), wrap=same, unwrap=same)
+    frames = []
+    for k in range(grid * grid):
+        y, x = divmod(k, grid)
+        data = np.random.default_rng(k).poisson(5.0, (size, size)).astype(np.uint16)
+        frames.append(nt.wrap(data, attrib={"ColorMode": ("i", 0), "PositionX": ("d", x * step),
+                                            "PositionY": ("d", y * step)}))
+    uid = 1
+    with Server(providers=[{"BENCH:HOST:Image": pv}]):
+        print("ready", flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] == "quit":
+                break
+            n, rate = int(cmd[1]), float(cmd[2])
+            first = uid
+            t0 = time.perf_counter()
+            for j in range(n):
+                if rate > 0:
+                    ahead = t0 + j / rate - time.perf_counter()
+                    if ahead > 0.001:
+                        time.sleep(ahead)
+                v = frames[uid % len(frames)]
+                v["uniqueId"] = uid
+                pv.post(v)
+                uid += 1
+            print(f"done {first} {uid - 1} {time.perf_counter() - t0:.6f}", flush=True)
+""")
+
+
+def host_geometry(size: int) -> tuple[int, int | None, int]:
+    """(model input px, crop, bin) for ``size``² frames: the frame itself up to HOST_MODEL_PX, else the
+    crop and binning that ``Preprocess.fit_to`` picks for a HOST_MODEL_PX model."""
+    from ptychostream.model.preprocess import Preprocess
+
+    if size <= HOST_MODEL_PX:
+        return size, None, 1
+    fit = Preprocess().fit_to((size, size), (HOST_MODEL_PX, HOST_MODEL_PX))
+    return HOST_MODEL_PX, fit.crop_size, int(fit.bin)
+
+
+def null_model(path: Path, px: int, crop: int | None = None, binning: int = 1,
+               heads: tuple[str, ...] = ("amplitude", "phase")) -> str:
+    """ONNX Identities from the (n, 1, px, px) input to each head: the device without inference.
+
+    ``crop`` and ``binning`` go to the model's ``ptychostream.preprocess`` (they make larger frames
+    px²). benchmarks/soak.py's null model is this one for px 64 with a 64-pixel crop.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ptychostream.model.zoo import ir_version_for
+
+    shape: list[int | str] = ["N", 1, px, px]
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], [h]) for h in heads], "null",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, shape) for h in heads])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ptychostream.bench")
+    model.ir_version = ir_version_for(17)
+    pre: dict[str, int] = {"bin": binning}
+    if crop:
+        pre["crop_size"] = crop
+    model.metadata_props.add(key="ptychostream.preprocess", value=json.dumps(pre))
+    onnx.save(model, str(path))
+    return str(path)
+
+
+class Producer:
+    """HOST_PRODUCER on slot ``slot`` of ``net``: ``run(n, rate)`` posts n frames (rate 0: full speed)."""
+
+    CHANNEL = "BENCH:HOST:Image"
+
+    def __init__(self, net: EpicsNet, size: int, pixel: float, slot: int = 0) -> None:
+        env = dict(os.environ)
+        env.update(net.server_env(net.slots[slot]))
+        step = HOST_MODEL_PX // 4 * pixel  # patches overlap by three quarters
+        self.proc = subprocess.Popen([sys.executable, "-c", HOST_PRODUCER, str(size), str(HOST_GRID), repr(step)],
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        line = self.stdout.readline().strip()
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"the bench producer did not start: {line!r}")
+
+    def start(self, n: int, rate: float) -> None:
+        self.stdin.write(f"run {n} {rate}\n")
+        self.stdin.flush()
+
+    def wait(self) -> tuple[int, int, float, float]:
+        """(first uniqueId, last uniqueId, seconds it posted for, perf_counter when it said so)."""
+        words = self.stdout.readline().split()
+        if len(words) != 4 or words[0] != "done":
+            raise RuntimeError(f"the bench producer stopped: {words}")
+        return int(words[1]), int(words[2]), float(words[3]), time.perf_counter()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.stdin.write("quit\n")
+                self.stdin.flush()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class BareCount:
+    """What the bare p4p client saw of one producer run."""
+
+    sent: int
+    received: int
+    gaps: int
+    rate: float          # frames received per second, first to last received
+    producer_rate: float  # frames the producer posted per second
+
+
+def bare_client(net: EpicsNet, prod: Producer, n: int, rate: float = 0.0) -> BareCount:
+    """A bare p4p client (Python monitor, nothing decoded, uniqueIds counted) of ``prod`` while it
+    posts ``n`` frames at ``rate`` (0: full speed), with the reconstructor's monitor queue."""
+    from p4p.client.thread import Context
+
+    ctx = Context("pva", conf=net.pva_conf(), useenv=False, nt=False)
+    uids: list[int] = []
+    times: list[float] = []
+    connected = threading.Event()
+
+    def cb(v) -> None:
+        if isinstance(v, Exception):
+            return
+        if not connected.is_set():  # the PV's current value: not a frame of this run
+            connected.set()
+            return
+        uids.append(v["uniqueId"])
+        times.append(time.perf_counter())
+
+    sub = ctx.monitor(prod.CHANNEL, cb, request=f"record[queueSize={HOST_QUEUE}]", notify_disconnect=True)
+    try:
+        if not connected.wait(30):
+            raise RuntimeError(f"the bare client did not connect to {prod.CHANNEL}")
+        prod.start(n, rate)
+        first, last, secs, _ = prod.wait()
+        count = len(uids)
+        deadline = time.monotonic() + 60
+        while len(uids) < n and time.monotonic() < deadline:  # all in, or nothing new for HOST_QUIET_S
+            time.sleep(POLL_S)
+            if len(uids) == count and (count == 0 or time.perf_counter() - times[-1] > HOST_QUIET_S):
+                break
+            count = len(uids)
+    finally:
+        sub.close()
+        ctx.close()
+    got = np.array([u for u in uids if first <= u <= last])
+    gaps = int(n - len(got))
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return BareCount(sent=n, received=len(got), gaps=gaps, rate=len(got) / span, producer_rate=n / secs)
+
+
+class HostPipeline(Pipeline):
+    """A bare producer (its own process, slot 0) -> the reconstructor IOC (slot 1) with the null model,
+    PublishRate 10 and the mosaic fed by the frames' position attributes."""
+
+    def __init__(self, net: EpicsNet, model: str, o: Opts, batch: int, backlog: int, prod: Producer) -> None:
+        super().__init__(net, model, o, batch, backlog)
+        self.prod = prod
+
+    def __enter__(self) -> "HostPipeline":
+        from p4p.client.thread import Context
+
+        try:
+            self.rec_ioc = IOCProcess(["ioc", "--prefix", self.REC, "--no-ca"], self.REC, self.net.slots[1],
+                                      self.net).start()
+            self.ctx = Context("pva", conf=self.net.pva_conf(), useenv=False)
+            self.rec(Backend=self.o.backend, BatchSize=self.batch, BacklogLimit=self.backlog, PublishRate=10,
+                     PixelSize=HOST_PIXEL, PositionSource="Attributes", PosAttrX="PositionX", PosAttrY="PositionY",
+                     PosScale=1.0)
+            self.rec(ModelPath=self.model, InputPV=self.prod.CHANNEL, Enable=1)
+            self.wait_serving(self.model)
+            deadline = time.monotonic() + 30
+            while int(self.get("InputConnected_RBV")) != 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"input not connected: {self.text('Message_RBV')}")
+                time.sleep(0.05)
+            self.backend_used = BACKEND_CHOICES[int(self.get("Backend_RBV"))]
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def mosaic_counts(self) -> tuple[int, int]:
+        """(Stitched_RBV, Unpositioned_RBV)."""
+        return int(self.get("Stitched_RBV")), int(self.get("Unpositioned_RBV"))
+
+    def run_frames(self, n: int, rate: float = 0.0) -> tuple[Stream, int, int]:
+        """Zero the counters, have the producer post ``n`` frames at ``rate`` (0: full speed), poll until
+        every frame is received or none came for HOST_QUIET_S, inferred, and stitched; returns the
+        stream, Stitched_RBV and Unpositioned_RBV."""
+        self.reset()
+        deadline = time.monotonic() + 5
+        while any(self.counters()[k] for k in ("Received", "Processed", "Missed")):  # the reset is seen
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ResetCounters did not zero the counters: {self.counters()}")
+            time.sleep(POLL_S)
+        t0 = time.perf_counter()
+        self.prod.start(n, rate)
+        done: dict = {}
+        waiter = threading.Thread(target=lambda: done.update(t=self.prod.wait()), daemon=True)
+        waiter.start()
+        first = None
+        last_rx = t0
+        peak = at_last = 0
+        prev_rx = -1
+        timeout = 120 + 2 * n / max(rate, 1000.0)
+        while True:
+            now = time.perf_counter()
+            c = self.counters()
+            peak = max(peak, c["Backlog"])
+            if first is None and c["Received"] > 0:
+                first = now
+            if c["Received"] != prev_rx:
+                prev_rx, last_rx, at_last = c["Received"], now, c["Backlog"]
+            accounted = c["Processed"] + c["Dropped"] + c["Rejected"] >= c["Received"] and c["Backlog"] == 0
+            if "t" in done and accounted and (c["Received"] >= n or now - max(done["t"][3], last_rx) > HOST_QUIET_S):
+                break
+            if now - t0 > timeout:
+                raise RuntimeError(f"{n} frames not accounted for after {timeout:.0f} s: {c}")
+            time.sleep(POLL_S)
+        if first is None:
+            raise RuntimeError(f"no frame of {n} reached the reconstructor: {self.text('Message_RBV')}")
+        stitched, unpositioned = self.mosaic_counts()
+        deadline = time.monotonic() + 30
+        while stitched + unpositioned < c["Processed"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stitched, unpositioned = self.mosaic_counts()
+        time.sleep(0.15)  # one more 10 Hz status scan: final counters and latency
+        p50, p99 = float(self.get("LatencyP50_RBV")), float(self.get("LatencyP99_RBV"))
+        s = Stream(sent=n, period=1.0 / rate if rate else 0.0, counters=self.counters(), peak_backlog=peak,
+                   backlog_at_last_rx=at_last, t0=t0, first=first, last_rx=last_rx, done=now,
+                   acquired=t0 + done["t"][2], p50_ms=p50, p99_ms=p99)
+        return s, stitched, unpositioned
+
+
+#: object pixel size the host benchmark stitches with (metres)
+HOST_PIXEL = 1e-8
+
+
+def host_zero_loss(s: Stream, backlog: int) -> bool:
+    """Every uniqueId received and processed (Missed 0, Dropped 0, Rejected 0), the books balanced, and
+    the queue at most SUSTAINED_QUEUE full (processing kept pace)."""
+    c = s.counters
+    return (c["Received"] == s.sent and c["Processed"] == s.sent and c["Missed"] == 0 and c["Dropped"] == 0
+            and c["Rejected"] == 0 and s.balanced and s.peak_backlog <= SUSTAINED_QUEUE * backlog)
+
+
+def host_step(p: HostPipeline, rate: float, secs: float) -> dict:
+    """One paced step of the zero-loss search: BacklogLimit 0.5 s of frames at ``rate``."""
+    backlog = max(2 * p.batch, round(SWEEP_BUFFER_S * rate))
+    p.rec(BacklogLimit=backlog)
+    n = max(4 * p.batch, round(rate * secs))
+    s, stitched, unpositioned = p.run_frames(n, rate)
+    ok = host_zero_loss(s, backlog)
+    print(f"[host]   {rate:.0f}/s requested, {s.input_rate:.0f}/s posted: received {s.counters['Received']}/{n}, "
+          f"processed {s.counters['Processed']}, {s.lost_note()}, peak backlog {s.peak_backlog}/{backlog}: "
+          f"{'zero loss' if ok else 'LOSS' if s.lost or s.counters['Missed'] else 'queue over half full'}", flush=True)
+    return {**s.data(), "requested": round(rate, 1), "backlog_limit": backlog, "zero_loss": ok,
+            "stitched": stitched, "unpositioned": unpositioned}
+
+
+def host_search(p: HostPipeline, guess: float, ceiling: float, steps: int, secs: float) -> list[dict]:
+    """Bisection over paced rates between 0 and ``ceiling``, from ``guess``: ``steps`` steps."""
+    lo, hi, rate = 0.0, ceiling, min(guess, ceiling)
+    out = []
+    for _ in range(steps):
+        r = host_step(p, rate, secs)
+        out.append(r)
+        if r["zero_loss"]:
+            lo = rate
+            rate = (rate + hi) / 2
+        else:
+            hi = rate
+            rate = (lo + rate) / 2 if lo else rate / 2
+    return out
+
+
+def bench_host(net: EpicsNet, o: Opts) -> None:
+    """For each frame size: the bare p4p client's rate and burst count (before and after), a burst at
+    the producer's full speed into the reconstructor, and the highest paced rate with zero loss."""
+    sizes = o.host_sizes or (HOST_SIZES_QUICK if o.quick else HOST_SIZES)
+    n_burst = HOST_BURST_QUICK if o.quick else HOST_BURST
+    steps, secs = (HOST_STEPS_QUICK, HOST_STEP_S_QUICK) if o.quick else (HOST_STEPS, HOST_STEP_S)
+    table = []
+    for size in sizes:
+        px, crop, binning = host_geometry(size)
+        pre = ", ".join(([f"crop {crop}"] if crop else []) + ([f"bin {binning}"] if binning > 1 else [])) or "none"
+        path = null_model(o.tmp / f"null{size}.onnx", px, crop, binning)
+        with Producer(net, size, HOST_PIXEL) as prod:
+            bare_client(net, prod, min(n_burst, 2000))  # untimed: a fresh producer's first run is slower
+            bare = [bare_client(net, prod, n_burst)]
+            with HostPipeline(net, path, o, o.batch, backlog=min(1_000_000, max(100_000, 2 * n_burst)),
+                              prod=prod) as p:
+                p.run_frames(min(n_burst, 2000), 0.0)  # untimed: first batches, mosaic canvas
+                burst, stitched, unpositioned = p.run_frames(n_burst)
+                rx_rate = burst.counters["Received"] / max(burst.last_rx - burst.first, 1e-3)
+                print(f"[host] {size}x{size}: burst of {n_burst}: received {burst.counters['Received']} at "
+                      f"{rx_rate:.0f}/s, {burst.lost_note()}", flush=True)
+                ceiling0 = bare[0].rate
+                search = host_search(p, 0.9 * min(rx_rate, ceiling0), ceiling0, steps, secs)
+                backend = p.backend_used
+            bare.append(bare_client(net, prod, n_burst))
+        ceiling = float(np.mean([b.rate for b in bare]))
+        ok = [r for r in search if r["zero_loss"]]
+        best = max(ok, key=lambda r: r["input_rate"]) if ok else None
+        sustained = best["input_rate"] if best else 0.0
+        what = f"{size}x{size} uint16 -> {px}x{px} ({pre}), null model, PublishRate 10, stitched"
+        bare_note = " / ".join(f"{b.rate:.0f}/s" for b in bare)
+        note = (f"bare p4p client before / after: {bare_note}; "
+                + (f"at {best['requested']:.0f}/s requested: processed {best['processed']}/{best['sent']}, "
+                   f"peak backlog {best['peak_backlog']}/{best['backlog_limit']}, stitched {best['stitched']} "
+                   f"(unpositioned {best['unpositioned']}), "
+                   f"latency p50 {best['p50_ms']:.0f} ms p99 {best['p99_ms']:.0f} ms" if best else
+                   "no paced rate was sustained with zero loss")
+                + "; tried " + ", ".join(f"{r['requested']:.0f}" + ("" if r["zero_loss"] else " (no)") for r in search))
+        row("host", f"highest rate sustained with zero loss, {what}", sustained, "frames/s", ceiling,
+            "bare p4p client (Python monitor, no decode), same producer", note=note, size=size, model_px=px,
+            crop=crop, bin=binning, backend=backend, batch=o.batch, bare=[vars(b) for b in bare], steps=search)
+        c = burst.counters
+        bare_rx = float(np.mean([b.received for b in bare]))
+        row("host", f"burst of {n_burst} at the producer's full speed: received, {what}", c["Received"], "frames",
+            bare_rx, "bare p4p client, same burst",
+            note=f"processed {c['Processed']}, {burst.lost_note()}; stitched {stitched}, unpositioned {unpositioned}; "
+                 f"producer posted {burst.input_rate:.0f}/s, reconstructor received {rx_rate:.0f}/s; bare client "
+                 f"received {' / '.join(str(b.received) for b in bare)} at {bare_note}",
+            size=size, model_px=px, crop=crop, bin=binning, backend=backend, received_rate=round(rx_rate, 1),
+            stitched=stitched, unpositioned=unpositioned, bare=[vars(b) for b in bare], **burst.data())
+        table.append((size, pre, ceiling, sustained, bare_rx, c["Received"], c["Processed"], burst.lost))
+    print(f"\n[host] backend {o.backend}, batch {o.batch}, monitor queue {HOST_QUEUE}\n"
+          "| frames | pre-processing | bare p4p client | sustained, zero loss | ratio | burst: bare client received "
+          "| burst: reconstructor received / processed / lost | ratio |\n|---|---|---|---|---|---|---|---|")
+    for size, pre, ceil, sus, brx, rx, pr, lost in table:
+        print(f"| {size}² | {pre} | {ceil:.0f}/s | {sus:.0f}/s | {100 * sus / ceil:.0f} % | {brx:.0f} of {n_burst} "
+              f"| {rx} / {pr} / {lost} | {100 * rx / max(brx, 1):.0f} % |")
+
+
+#: the profile's stages: (stage, files under ptychostream/ whose innermost frame puts a sample there);
+#: protocols/ntnd.py is decode, except its encode (publish)
+PROFILE_STAGES = (
+    ("decode", ("protocols/ntnd.py",)),
+    ("intake/queue", ("pipeline/receive.py", "pipeline/queue.py", "core/frames.py")),
+    ("stack + pre-process", ("pipeline/batcher.py", "model/preprocess.py")),
+    ("inference", ("model/infer.py", "model/backends/")),
+    ("publish", ("pipeline/publish.py", "protocols/pva.py")),
+    ("stitch", ("pipeline/stitch.py", "mosaic/")),
+)
+#: stages counted per frame received (the rest per frame processed)
+PROFILE_PER_RECEIVED = ("decode", "intake/queue")
+
+
+#: innermost frames that wait (py-spy's idle detection misses some): not work of any stage
+PROFILE_WAITS = re.compile(r"^(Condition\.wait|Event\.wait|\w*Selector\.select|select|sleep|Queue\.get|"
+                           r"_wait_for_tstate_lock|wait) ")
+
+
+def profile_stage(stack: list[str]) -> str:
+    """The stage of one py-spy stack (frames ``func (path:line)``, root first): its innermost frame in
+    the ptychostream package decides; 'other (package)' / 'outside the package' otherwise, and
+    'waiting' when the innermost frame of all is a wait."""
+    if stack and PROFILE_WAITS.match(stack[-1]):
+        return "waiting (not counted as work)"
+    for frame in reversed(stack):
+        m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+        if not m or "/ptychostream/" not in m.group(2):
+            continue
+        func, rel = m.group(1), m.group(2).rsplit("/ptychostream/", 1)[1]
+        if rel == "protocols/ntnd.py" and func.startswith("encode"):
+            return "publish"
+        for stage, files in PROFILE_STAGES:
+            if any(rel.startswith(f) for f in files):
+                return stage
+        return "other (package: status, device, messages)"
+    return "outside the package (p4p, threads)"
+
+
+def _short(frame: str) -> str:
+    """``func (path:line)`` with the path cut to its package (ptychostream/..., p4p/..., numpy/...)."""
+    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return frame
+    path = m.group(2)
+    for cut in ("/site-packages/", "/src/", "/lib/python"):
+        if cut in path:
+            path = path.rsplit(cut, 1)[1]
+            break
+    return f"{m.group(1)} ({path})"
+
+
+def read_pyspy_raw(path: Path) -> dict[str, tuple[int, dict[str, int]]]:
+    """Samples per stage from py-spy's raw (collapsed) output, with the samples per innermost frame."""
+    out: dict[str, tuple[int, dict[str, int]]] = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        stage = profile_stage(frames)
+        k, leaves = out.get(stage, (0, {}))
+        leaf = _short(frames[-1])
+        leaves[leaf] = leaves.get(leaf, 0) + int(count)
+        out[stage] = (k + int(count), leaves)
+    return out
+
+
+def bench_profile(net: EpicsNet, o: Opts) -> None:
+    """py-spy on the reconstructor at 128 px while the producer posts at a paced rate: us/frame per stage."""
+    spy = _console_script("py-spy")
+    if spy is None:
+        print("[profile] skipped: py-spy not installed (pip install py-spy)", flush=True)
+        return
+    size = HOST_MODEL_PX
+    secs = PROFILE_S_QUICK if o.quick else PROFILE_S
+    px, crop, binning = host_geometry(size)
+    path = null_model(o.tmp / f"null{size}.onnx", px, crop, binning)
+    host = [r for r in ROWS if r["bench"] == "host" and r["data"].get("size") == size and "steps" in r["data"]]
+    with Producer(net, size, HOST_PIXEL) as prod:
+        bare = bare_client(net, prod, HOST_BURST_QUICK if o.quick else HOST_BURST)
+        rate = o.profile_rate or (PROFILE_SHARE * host[-1]["value"] if host and host[-1]["value"] > 0 else 0.0)
+        with HostPipeline(net, path, o, o.batch, backlog=100_000, prod=prod) as p:
+            p.run_frames(2000, 0.0)  # untimed warm-up
+            if not rate:  # the host benchmark's search, short
+                burst, _, _ = p.run_frames(HOST_BURST_QUICK)
+                rx_rate = burst.counters["Received"] / max(burst.last_rx - burst.first, 1e-3)
+                steps = host_search(p, 0.9 * min(rx_rate, bare.rate), bare.rate, 2 if o.quick else 4,
+                                    HOST_STEP_S_QUICK if o.quick else HOST_STEP_S)
+                rate = PROFILE_SHARE * max((r["input_rate"] for r in steps if r["zero_loss"]), default=0.5 * rx_rate)
+            p.rec(BacklogLimit=max(2 * o.batch, round(SWEEP_BUFFER_S * rate)))
+            n = round(rate * (secs + 2.0))
+            result: dict = {}
+            runner = threading.Thread(target=lambda: result.update(s=p.run_frames(n, rate)), daemon=True)
+            runner.start()
+            deadline = time.monotonic() + 10
+            while p.counters()["Received"] < rate * 0.5 and time.monotonic() < deadline:  # the stream is on
+                time.sleep(POLL_S)
+            raw = o.tmp / "pyspy.txt"
+            assert p.rec_ioc is not None and p.rec_ioc.proc is not None
+            c0 = p.counters()
+            spied = subprocess.run([spy, "record", "--pid", str(p.rec_ioc.proc.pid), "--duration", f"{secs:g}",
+                                    "--rate", str(PROFILE_HZ), "--format", "raw", "--output", str(raw),
+                                    "--full-filenames", "--nonblocking"], check=False, capture_output=True, text=True)
+            c1 = p.counters()
+            runner.join(120 + 2 * n / max(rate, 1000.0))
+    if spied.returncode != 0 or not raw.exists():
+        print(f"[profile] py-spy failed (rc {spied.returncode}): {spied.stderr.strip()[-500:]}", flush=True)
+        return
+    s, _, _ = result["s"]
+    received, processed = c1["Received"] - c0["Received"], c1["Processed"] - c0["Processed"]
+    found = read_pyspy_raw(raw)
+    samples = {k: v[0] for k, v in found.items()}
+    top = {k: sorted(v[1].items(), key=lambda kv: -kv[1])[:3] for k, v in found.items()}
+    total = sum(samples.values())
+    order = [st for st, _ in PROFILE_STAGES] + sorted(k for k in samples if k not in dict(PROFILE_STAGES))
+    per = {}
+    for stage in order:
+        k = samples.get(stage, 0)
+        frames = received if stage in PROFILE_PER_RECEIVED else processed
+        us = k / PROFILE_HZ / max(frames, 1) * 1e6
+        per[stage] = us
+        row("profile", f"{stage}, {size}x{size} uint16, null model, {rate:.0f} frames/s paced", us, "us/frame",
+            note=f"{k} of {total} py-spy samples ({100 * k / max(total, 1):.0f} %, {k / PROFILE_HZ / secs:.2f} cores); "
+                 f"per frame {'received' if stage in PROFILE_PER_RECEIVED else 'processed'} "
+                 f"({frames} in {secs:g} s)", stage=stage, samples=k, total_samples=total, frames=frames,
+            received=received, processed=processed, seconds=secs, hz=PROFILE_HZ, rate=round(rate, 1),
+            lost=s.lost, top=top.get(stage, []))
+    print(f"\n[profile] py-spy {PROFILE_HZ} Hz for {secs:g} s on the reconstructor (pid of the ioc subprocess), "
+          f"{rate:.0f} frames/s paced, {received} received / {processed} processed meanwhile, lost {s.lost} "
+          f"of the run's {s.sent}\n| stage | us/frame | samples | share | innermost frames (samples) |\n|---|---|---|---|---|")
+    for stage in order:
+        k = samples.get(stage, 0)
+        leaves = "; ".join(f"`{f}` {c}" for f, c in top.get(stage, []))
+        print(f"| {stage} | {per[stage]:.1f} | {k} | {100 * k / max(total, 1):.0f} % | {leaves} |")
+
+
 # -- stitching -----------------------------------------------------------------------------------
 def bench_stitch(o: Opts) -> None:
     from ptychostream.mosaic.stitch import Stitcher
@@ -794,6 +1333,20 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in text.split(",") if v)
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("rates must be positive numbers of frames/s, e.g. 2000,4000,8000")
+    return values
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(",") if v)
+    if not values or any(v < 8 for v in values):
+        raise argparse.ArgumentTypeError("sizes must be frame sizes in pixels, e.g. 64,128,256,516")
+    return values
+
+
 def _size(text: str) -> int:
     size = int(text)
     if size < 16 or size % 16:
@@ -812,6 +1365,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", type=_fractions, help="sweep input rates as fractions of the inference ceiling "
                                                           f"(default {','.join(map(str, SWEEP_FRACTIONS))}; "
                                                           f"--quick {','.join(map(str, SWEEP_FRACTIONS_QUICK))})")
+    ap.add_argument("--rates", type=_rates, help="sweep input rates in frames/s (instead of --fractions)")
+    ap.add_argument("--step-s", type=float, help=f"sweep: seconds of frames per rate (default {SWEEP_STEP_S:g}; "
+                                                  f"--quick {SWEEP_STEP_S_QUICK:g})")
+    ap.add_argument("--max-rate", type=float, help="swap: stream at most this many frames/s (default: half the "
+                                                    "inference ceiling)")
+    ap.add_argument("--host-sizes", type=_sizes, help="host: frame sizes in pixels (default "
+                                                       f"{','.join(map(str, HOST_SIZES))}; --quick "
+                                                       f"{','.join(map(str, HOST_SIZES_QUICK))})")
+    ap.add_argument("--profile-rate", type=float, default=0.0,
+                    help=f"profile: the paced rate, frames/s (default: {PROFILE_SHARE:g} x the sustained rate at "
+                         "128 px, from the host rows if host ran first, else from a short search)")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot the sweep (rate, loss and latency against input rate)")
     args = ap.parse_args(argv)
@@ -820,14 +1384,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
     reason = backend_unavailable_reason(args.backend)
-    if reason is not None and set(only) & {"pipeline", "sweep", "burst", "swap"}:
+    if reason is not None and set(only) & {"pipeline", "sweep", "burst", "swap", "host", "profile"}:
         ap.error(f"--backend {args.backend} cannot run here: {reason}")
     machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
                f"backend {args.backend}, {args.size}x{args.size} frames")
     print(f"# machine: {machine}", flush=True)
+    global JSON_OUT
+    JSON_OUT = Path(args.json) if args.json else None
     net = EpicsNet(4)
     with tempfile.TemporaryDirectory() as tmp:
-        o = Opts(quick=args.quick, backend=args.backend, size=args.size, tmp=Path(tmp), fractions=args.fractions)
+        o = Opts(quick=args.quick, backend=args.backend, size=args.size, tmp=Path(tmp), fractions=args.fractions,
+                 rates=args.rates, step_s=args.step_s, max_rate=args.max_rate, host_sizes=args.host_sizes,
+                 profile_rate=args.profile_rate)
         for bench in BENCHES:
             if bench not in only:
                 continue

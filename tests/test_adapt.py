@@ -330,6 +330,24 @@ def test_adapt_offline_writes_the_report_and_decides(scan_files, tmp_path):
     assert st["done"] and not st["ok"] and "missing.npz" in st["message"]
 
 
+def test_adapt_physics_mode_trains_on_the_frames_alone(scan_files, tmp_path):
+    """--mode physics: no labels, the Poisson likelihood under the scan's probe (and the overlap term)."""
+    out = tmp_path / "phys"
+    rc = run_cli(str(scan_files["scan"]), "--reference", str(scan_files["ref"]), "--init", str(scan_files["serving"]),
+                 "--out", str(out), "--mode", "physics", "--epochs", "4", "--batch", "16", "--lr", "3e-3",
+                 "--threads", "1", "--val", "32", "-q")
+    assert rc == 0
+    res = json.loads((out / "report.json").read_text())
+    assert res["mode"] == "physics" and Path(res["model"]).is_file()
+    phys = res["physics"]
+    assert phys["supervised_weight"] == 0 and phys["physics_weight"] == 1 and phys["overlap_weight"] == 1
+    tr = res["training"]
+    assert tr["data"]["source"] == "scan frames (no labels)" and "Poisson deviance" in tr["loss"]
+    assert "phase" not in tr["final_val_loss"]  # no labels were used
+    assert tr["final_val_loss"]["poisson"] < 0.8 * tr["initial_val_loss"]["poisson"]
+    assert res["scores"]["adapted"] is not None
+
+
 def test_adapt_swaps_the_ioc_model_only_when_better(scan_files, tmp_path):
     from conftest import IOCProcess, next_slot, pva_context, text, wait_for
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +13,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the benchmarks of issue #8 and before (host and profile are checked through the GPU script's dry run)
+E2E = "simdet,pipeline,stitch,sweep,burst,swap,pvapy"
+#: where ``make test`` leaves ``benchmarks/gpu_check.sh --dry-run``'s output for the test below
+GPU_CHECK_OUT = "PTYCHOSTREAM_GPU_CHECK_OUT"
 
 
 @pytest.mark.system
 def test_quick_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     png = tmp_path / "sweep.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json", str(out),
-                           "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", E2E, "--json",
+                           str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {r["bench"] + ":" + r["what"].split(",")[0]: r for r in data}
@@ -72,3 +78,81 @@ def test_quick_benchmark_smoke(tmp_path):
 
     assert "| bench | what |" in proc.stdout
     assert png.stat().st_size > 10_000
+
+
+def _py_spy() -> bool:
+    """py-spy (the profile's sampler) is installed beside this Python, where run.py looks for it."""
+    return (Path(sys.executable).parent / "py-spy").exists() or shutil.which("py-spy") is not None
+
+
+def _host_step_books(d: dict) -> None:
+    """One acquisition of the host benchmark accounts for every frame."""
+    assert d["received"] <= d["sent"] and d["processed"] + d["dropped"] + d["rejected"] == d["received"]
+    assert d["backlog_end"] == 0 and d["balanced"]
+    assert d["lost"] == d["sent"] - d["received"] + d["dropped"] + d["rejected"]
+    assert 0 <= d["missed"] <= d["sent"] - d["received"]  # a frame squashed at the very end leaves no gap
+    assert d["stitched"] + d["unpositioned"] == d["processed"]
+
+
+@pytest.mark.system
+@pytest.mark.timeout(420)
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every step ran and passed, and wrote what the GPU run writes.
+
+    ``make test`` runs the dry run before pytest and names its folder in $PTYCHOSTREAM_GPU_CHECK_OUT;
+    without it, this test runs the dry run itself (about a minute and a half on the 2-core box)."""
+    given = os.environ.get(GPU_CHECK_OUT)
+    out = Path(given) if given else tmp_path / "gpu-check"
+    if not given:
+        proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                              capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert (out / "summary.json").exists(), f"no summary.json in {out}: did the dry run start?"
+    summary = json.loads((out / "summary.json").read_text())
+    log = (out / "gpu_check.log").read_text()
+    assert summary["dry_run"] and summary["backend"] == "ONNXRuntime-CPU"
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert list(steps) == ["install", "env", "tests", "host", "e2e-32"], summary["steps"]
+    failed = [s for s in summary["steps"] if s["rc"] != 0]
+    assert not failed, f"steps failed: {failed}\n{log[-4000:]}"
+    assert all(0 <= s["seconds"] <= s["limit_s"] for s in summary["steps"])
+    assert " passed" in summary["tests"] and "failed" not in summary["tests"]
+    # what comes back from a device run: at most 8 plain files, named as the device tool allows
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["e2e-32.json", "gpu_check.log", "host.json", "summary.json", "sweep-32.png"], files
+
+    host = json.loads((out / "host.json").read_text())
+    for size, px in ((32, 32), (132, 128)):  # 132: cropped to the 128-pixel model by its pre-processing
+        rows = [r for r in host if r["bench"] == "host" and r["data"]["size"] == size]
+        sustained = next(r for r in rows if r["what"].startswith("highest rate sustained"))
+        burst = next(r for r in rows if r["what"].startswith("burst of"))
+        assert sustained["data"]["model_px"] == burst["data"]["model_px"] == px
+        assert sustained["ceiling"] > 0 and sustained["value"] >= 0
+        bare = sustained["data"]["bare"]
+        assert len(bare) == 2 and all(0 < b["received"] <= b["sent"] == 2000 for b in bare)
+        assert all(b["gaps"] == b["sent"] - b["received"] for b in bare)
+        for step in sustained["data"]["steps"]:
+            _host_step_books(step)
+            assert step["zero_loss"] == (step["lost"] == 0 and step["missed"] == 0 and step["processed"] == step["sent"]
+                                         and step["peak_backlog"] <= 0.5 * step["backlog_limit"])
+        ok = [s["input_rate"] for s in sustained["data"]["steps"] if s["zero_loss"]]
+        assert sustained["value"] == (round(max(ok), 1) if ok else 0.0)
+        d = burst["data"]
+        _host_step_books(d)
+        assert d["sent"] == 2000 and burst["value"] == d["received"] > 0 and burst["ceiling"] > 0
+    e2e = json.loads((out / "e2e-32.json").read_text())
+    assert {r["bench"] for r in e2e} == {"sweep", "burst", "swap"}
+    steps32 = [r for r in e2e if r["bench"] == "sweep" and "sent" in r["data"]]
+    assert [round(r["data"]["requested"]) for r in steps32] == [150, 600]  # --rates, not fractions
+    (swap,) = [r for r in e2e if r["bench"] == "swap"]
+    assert swap["data"]["lost"] == 0 and swap["data"]["new_model_serving"]
+
+    profile = [r for r in host if r["bench"] == "profile"]
+    if not _py_spy():  # not in the venv: the profile says so and measures nothing
+        assert not profile and "[profile] skipped: py-spy not installed" in log
+        return
+    stages = [r["data"]["stage"] for r in profile]
+    assert stages[:6] == ["decode", "intake/queue", "stack + pre-process", "inference", "publish", "stitch"]
+    assert sum(r["data"]["samples"] for r in profile) == profile[0]["data"]["total_samples"] > 0
+    assert all(r["value"] >= 0 and r["unit"] == "us/frame" for r in profile)
+    assert profile[0]["data"]["received"] > 0 and profile[0]["data"]["processed"] > 0

@@ -62,7 +62,7 @@ softioc.safeEpicsExit(0)
 """
 
 #: the files whose put makes the device read them: a name it cannot read is refused
-FILE_PVS = ("PreDarkPath", "PreMaskPath", "TrajectoryFile", "cam1:ObjectFile", "cam1:ProbeFile", "cam1:ReplayFile")
+FILE_PVS = ("PreDarkPath", "PreMaskPath", "ProbeFile", "TrajectoryFile", "cam1:ObjectFile", "cam1:ProbeFile", "cam1:ReplayFile")
 
 #: puts that ptychostream's device refuses although a plain record takes them: (record name or record
 #: type, put label) -> why. Every other put must succeed on both or fail on both.

@@ -55,7 +55,7 @@ def sample_value(spec):
         return spec.enum_strs[-1] if spec.readback is not None else spec.enum_strs[0]
     if spec.kind == "string":
         return {"ModelPath": "/nonexistent/model.onnx", "InputPV": "TST:NOPE:Image",
-                "PreDarkPath": "", "PreMaskPath": "", "TrajectoryFile": "",
+                "PreDarkPath": "", "PreMaskPath": "", "ProbeFile": "", "TrajectoryFile": "",
                 "CaptureFile": f"{tempfile.gettempdir()}/ptychostream-test-{os.getpid()}.h5"}.get(spec.suffix, "abc")
     lo, hi = spec.drvl, spec.drvh
     v = lo + (hi - lo) / 7 if spec.kind == "float" else int(lo + max(1, (hi - lo) // 7))

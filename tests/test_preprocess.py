@@ -295,3 +295,35 @@ def test_json_round_trip_of_orientation_and_mask_path():
     assert back == pre and back.mask is None and back.mask_path == "/m.npy"
     # a model written before orientation existed reads as unflipped
     assert Preprocess.from_json('{"fftshift": true}').instrument() == Preprocess(fftshift=True).instrument()
+
+
+@pytest.mark.parametrize("shape, crop, centre, b", [
+    ((16, 16), None, None, 2),      # a whole-frame shift: both axes wrap
+    ((16, 16), None, None, 4),
+    ((15, 17), None, None, 1),      # odd sizes
+    ((20, 20), 8, (9, 11), 2),      # a crop that wraps on both axes
+    ((20, 20), 8, (10, 4), 1),      # wraps on rows only
+    ((20, 24), 12, None, 3),        # centre crop after the shift: no wrap, slices
+])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_fftshift_gather_matches_numpy_and_is_contiguous(shape, crop, centre, b, dtype):
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 500, (3, *shape)).astype(dtype)
+    dark = rng.uniform(0, 5, shape).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    mask[1, 2] = True
+    H, W = shape
+    ch, cw = (crop, crop) if crop else (H, W)
+    cy, cx = centre or (H // 2, W // 2)
+    rows, cols = slice(cy - ch // 2, cy - ch // 2 + ch), slice(cx - cw // 2, cx - cw // 2 + cw)
+
+    def want(frames: np.ndarray) -> np.ndarray:
+        region = np.fft.fftshift(frames.astype(np.float64), axes=(1, 2))[:, rows, cols]
+        n, h, w = region.shape
+        return region.reshape(n, h // b, b, w // b, b).sum(axis=(2, 4))
+
+    out = Preprocess(fftshift=True, crop_size=crop, crop_center=centre, bin=b).apply(raw)
+    assert out.flags.c_contiguous and out.dtype == np.float32
+    np.testing.assert_allclose(out, want(raw), rtol=1e-6)
+    pixel = Preprocess(fftshift=True, crop_size=crop, crop_center=centre, bin=b, dark=dark, mask=mask)
+    np.testing.assert_allclose(pixel.apply(raw), want(np.maximum(np.where(mask, 0, raw - dark), 0)), rtol=1e-5)

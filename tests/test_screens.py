@@ -197,13 +197,13 @@ def test_cli_writes_identical_files(tmp_path):
     pytest.importorskip("phoebusgen", reason="needs the 'screens' extra")
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "ptychostream.screens", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=env, timeout=180)
     assert out.returncode == 0, out.stderr
     for name in screens.SCREENS:
         assert (tmp_path / name).read_text() == (OPI / name).read_text(), name
     (tmp_path / "simdet.bob").write_text("<display/>")
     check = subprocess.run([sys.executable, "-m", "ptychostream.screens", "--check", "--out", str(tmp_path)],
-                           capture_output=True, text=True, env=env, timeout=120)
+                           capture_output=True, text=True, env=env, timeout=180)
     assert check.returncode == 1 and "simdet.bob" in check.stdout
 
 
@@ -283,7 +283,7 @@ def _grab(tmp_path, macros: dict[str, str], seconds: float, png: Path | None = N
     env = dict(os.environ)  # the loopback EPICS client settings conftest put there
     env["QT_QPA_PLATFORM"] = "offscreen"
     env.setdefault("XDG_RUNTIME_DIR", str(tmp_path))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, f"PyDM grab crashed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(report.read_text())
 
@@ -312,8 +312,8 @@ def test_pydm_screen_live(live, tmp_path):
     try:
         wait_for(lambda: int(ctx.get(R + "Processed_RBV")) > 0, timeout=10, message="frames flowing")
         # sample for 6 s, and on until every widget has connected (CA searches of ~150 PVs to every port
-        # slot of the test network may need a retry), at most 40 s
-        report = _grab(tmp_path, {"P": P_LIVE, "R": R_LIVE}, seconds=40.0, png=png, until_connected=True,
+        # slot of the test network may need a retry), at most 90 s
+        report = _grab(tmp_path, {"P": P_LIVE, "R": R_LIVE}, seconds=90.0, png=png, until_connected=True,
                        min_seconds=6.0)
     finally:
         ctx.put(S + "cam1:Acquire", 0, wait=True, timeout=15)

@@ -400,3 +400,140 @@ def test_flashlight_overlap_matches_mosaic(scene):
     sel = np.isfinite(img) & (m.coverage > 0.5)
     assert sel.sum() > 5000
     assert np.abs(img[sel] - m.phase[sel]).max() < 0.05
+
+
+# ---------------------------------------------------------------- batch splatting, display view
+
+def test_batch_splat_matches_patch_by_patch(scene):
+    """A batch stitched at once (whole-batch windows and folds, slice-adds) gives the sums that
+    stitching its patches one at a time gives, in every offset mode, with amplitude."""
+    _, pos, patches = scene
+    ph = patches.astype(np.float32)
+    amp = (1.0 + 0.1 * ph).astype(np.float32)
+    for mode in ("none", "mean"):  # "overlap" depends on the step, not the batch: see below
+        a, b = Stitcher(PX, (PATCH, PATCH), offset=mode), Stitcher(PX, (PATCH, PATCH), offset=mode)
+        a.add(ph, pos, amp)
+        for k in range(len(pos)):
+            b.add(ph[k], pos[k], amp[k])
+        ma, mb = a.mosaic(), b.mosaic()
+        assert np.array_equal(ma.phase, mb.phase) and np.array_equal(ma.amplitude, mb.amplitude), mode
+    # overlap: one step of overlap_chunk patches equals one add() of those patches
+    a, b = Stitcher(PX, (PATCH, PATCH), offset="overlap"), Stitcher(PX, (PATCH, PATCH), offset="overlap")
+    a.add(ph, pos)
+    step = a.overlap_chunk
+    for k in range(0, len(pos), step):
+        b.add(ph[k:k + step], pos[k:k + step])
+    assert np.array_equal(a.mosaic().phase, b.mosaic().phase)
+    assert not np.array_equal(a.num_phase, 0)
+
+
+def _random_batches(st: Stitcher, rng: np.random.Generator, k: int) -> None:
+    n = 5
+    pos = (rng.random((n, 2)) - 0.4) * 200 * PX
+    amp = rng.random((n, 16, 16)).astype(np.float32) if k % 3 else None  # mixed: weight_amp appears
+    st.add(rng.standard_normal((n, 16, 16)).astype(np.float32), pos, amp)
+
+
+@pytest.mark.parametrize("extent", [None, (-100 * PX, 150 * PX, -80 * PX, 120 * PX)])
+@pytest.mark.parametrize("mode", ["mean", "overlap"])
+def test_display_view_unbinned_is_the_mosaic(extent, mode):
+    """DisplayView with no binning (max_side 0, or a mosaic that fits) is mosaic() exactly, updated
+    only where patches landed, on a growing canvas (which moves and reallocates) and a fixed one."""
+    from ptychostream.mosaic.display import DisplayView
+
+    rng = np.random.default_rng(1)
+    st = Stitcher(PX, (16, 16), extent_m=extent, offset=mode)
+    full, fits = DisplayView(0), DisplayView(4096)
+    for k in range(15):
+        _random_batches(st, rng, k)
+        m = st.mosaic()
+        pos = (rng.random(2) - 0.4) * 200 * PX
+        for view in (full, fits):
+            d = view.image(st)
+            assert d.binning == 1 and d.origin_m == m.origin_m and d.pixel_m == m.pixel_m
+            for name in ("phase", "coverage", "mask", "amplitude"):
+                assert np.array_equal(getattr(d, name), getattr(m, name)), (k, name)
+            light = view.flashlight(st, np.ones((16, 16), np.float32), pos)
+            assert np.array_equal(light, st.flashlight(np.ones((16, 16), np.float32), pos), equal_nan=True)
+
+
+@pytest.mark.parametrize("extent", [None, (-100 * PX, 150 * PX, -80 * PX, 120 * PX)])
+def test_display_view_binned_incrementally_equals_binned_from_scratch(extent):
+    """Binned, the view kept up to date batch by batch equals a view built from the final planes,
+    and each binned pixel is the weight average of its canvas pixels: sum(num) / sum(weight)."""
+    from ptychostream.mosaic.display import DisplayView, binning_for
+
+    rng = np.random.default_rng(2)
+    st = Stitcher(PX, (16, 16), extent_m=extent, offset="mean")
+    live = DisplayView(40)
+    for k in range(15):
+        _random_batches(st, rng, k)
+        d = live.image(st)
+        fresh = DisplayView(40).image(st)
+        assert d.binning == fresh.binning == binning_for(st.canvas_shape, 40) > 1
+        assert max(d.shape) <= 40 and d.origin_m == fresh.origin_m
+        np.testing.assert_allclose(d.phase, fresh.phase, atol=1e-5)
+        assert (d.amplitude is None) == (fresh.amplitude is None) == (k == 0)
+        if d.amplitude is not None:
+            np.testing.assert_allclose(d.amplitude, fresh.amplitude, atol=1e-5)
+        assert np.array_equal(d.mask, fresh.mask)
+    b = d.binning
+    y0, _, x0, _ = st.exposed_box
+    by, bx = np.argwhere(d.mask & (d.coverage > 0.5))[0]  # a well-covered bin
+    gy, gx = (y0 // b + by) * b, (x0 // b + bx) * b  # its first canvas pixel (global)
+    num, wt, _, _ = st.planes((max(gy, y0), gy + b, max(gx, x0), gx + b))
+    assert d.phase[by, bx] == pytest.approx(float(num.sum()) / float(wt.sum()), rel=1e-4)
+    assert d.pixel_m == pytest.approx(b * PX)
+
+
+def test_take_dirty_is_per_reader_and_starts_with_everything():
+    st = Stitcher(PX, (16, 16), offset="none")
+    st.add(np.ones((1, 16, 16), np.float32), np.zeros((1, 2)))
+    first = st.take_dirty("a")
+    assert first == st.exposed_box  # a new reader sees the whole mosaic
+    assert st.take_dirty("a") is None
+    st.add(np.ones((1, 16, 16), np.float32), np.array([[40 * PX, 0.0]]))
+    assert st.take_dirty("b") == st.exposed_box
+    box = st.take_dirty("a")
+    assert box is not None and box[0] == 40 - 8 and box[1] == 40 - 8 + 17 and st.take_dirty("a") is None
+    st.reset()
+    assert st.take_dirty("a") == st.exposed_box == (0, 0, 0, 0)
+
+
+def test_add_values_is_add_of_constant_patches():
+    """add_values(v, pos) splats what add() of patches full of v splats (the weights times v),
+    rejects non-finite values like non-finite data, and needs offset="none"."""
+    rng = np.random.default_rng(4)
+    pos = (rng.random((12, 2)) - 0.5) * 60 * PX
+    v = rng.random(12).astype(np.float32) + 1
+    v[3] = np.nan
+    a, b = Stitcher(PX, (16, 16), offset="none"), Stitcher(PX, (16, 16), offset="none")
+    assert a.add_values(v, pos) == 11 and a.counts["rejected_nan"] == 1
+    assert b.add(np.broadcast_to(v[:, None, None], (12, 16, 16)), pos) == 11
+    np.testing.assert_allclose(a.num_phase, b.num_phase, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(a.weight, b.weight) and a.exposed_box == b.exposed_box
+    with pytest.raises(ValueError, match="offset='none'"):
+        Stitcher(PX, (16, 16)).add_values(v, pos)
+
+
+def test_display_view_update_touches_only_where_patches_landed(monkeypatch):
+    """After a patch lands on a large canvas, the view re-bins only the bins under its footprint,
+    so keeping the display image costs what the patch covers, not what the canvas holds."""
+    from ptychostream.mosaic import display
+
+    seen: list[int] = []
+    real = display._bin_sums
+    monkeypatch.setattr(display, "_bin_sums", lambda a, start, b, out: (seen.append(a.size), real(a, start, b, out)))
+    half = 1000 * PX
+    st = Stitcher(PX, (64, 64), extent_m=(-half, half, -half, half), offset="none")  # 2001 x 2001
+    view = display.DisplayView(256)
+    st.add(np.ones((1, 64, 64), np.float32), np.zeros((1, 2)))
+    first = view.image(st)
+    assert first.binning == 8 and first.shape == (251, 251) and sum(seen) >= 2001 * 2001  # built once, whole
+    seen.clear()
+    st.add(np.ones((1, 64, 64), np.float32), np.array([[300 * PX, -200 * PX]]))
+    view.image(st)
+    assert 0 < max(seen) <= (65 + 2 * 8) ** 2  # one footprint and its edge bins, per plane
+    seen.clear()
+    view.image(st)  # nothing new: nothing re-binned
+    assert seen == []

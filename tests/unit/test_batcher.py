@@ -326,3 +326,40 @@ def test_check_frames_names_both_shapes_and_catches_nan_outputs(model_files):
         bounded.check_frames(bright(1)[0])
     bounded.check_frames(frames(2))
     assert bounded.misfit((SIZE, SIZE)) is None and "(16, 32) frames into (16, 32)" in (bounded.misfit((16, 32)) or "")
+
+
+def test_mixed_dtypes_of_one_shape_are_inferred_together_and_buffers_do_not_leak_between_batches(pipe, model_files):
+    model = load(model_files["a"])
+    ints, floats = frames(2), frames(2, dtype=np.float32, seed=1)
+    pipe.feed(ints[0], floats[0], ints[1], floats[1])  # queued before the model: one batch
+    pipe.swap(model)
+    pipe.settle(processed=4)
+    assert len(pipe.results) == 1
+    first = [r.outputs["phase"].copy() for r in pipe.results]
+    pipe.feed(*frames(3, seed=2))  # a second batch through the same reused buffers
+    pipe.settle(processed=7)
+    want = model.infer(Preprocess().apply(np.stack([ints[0], floats[0], ints[1], floats[1]]).astype(np.float32)))
+    got = np.concatenate([r.outputs["phase"] for r in pipe.results[:len(first)]])
+    np.testing.assert_allclose(got, want["phase"], rtol=1e-5, atol=1e-6)  # the first results are intact
+    np.testing.assert_array_equal(got, np.concatenate(first))
+
+
+def test_linger_adapts_between_its_bounds():
+    from ptychostream.pipeline.batcher import LINGER_MAX_S, LINGER_MIN_S
+
+    b = Batcher(FrameQueue(), Publisher(DeviceState(load_db("reconstructor.db"))), Counters(), LatencyWindow(),
+                RateMeter(), lambda n, reason: None)
+    b.batch_size = 64
+    assert b._linger == LINGER_MIN_S
+    for _ in range(20):  # frames kept coming during each wait and the batch did not fill: longer waits
+        b._adapt_linger(10, 5)
+    assert b._linger == LINGER_MAX_S
+    b._adapt_linger(64, 3)  # a full batch: as it is
+    assert b._linger == LINGER_MAX_S
+    b._adapt_linger(1, 0)   # nothing came while waiting: shorter
+    assert b._linger == LINGER_MAX_S / 2
+    for _ in range(20):
+        b._adapt_linger(1, 0)
+    assert b._linger == LINGER_MIN_S
+    b._adapt_linger(1, -1)  # no wait at all (a full queue): as it is
+    assert b._linger == LINGER_MIN_S

@@ -123,3 +123,34 @@ def test_received_equals_queued_plus_dropped_under_both_policies():
         q.done(len(taken))
         assert 25 == len(taken) + q.dropped + q.backlog, policy
         assert q.dropped == 18
+
+
+def wait_until(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "state not reached"
+        time.sleep(0.001)
+
+
+def test_linger_waits_for_a_full_batch_and_wakes_when_it_is_full():
+    q = FrameQueue()
+    q.put(0)
+    got: list = []
+    taker = threading.Thread(target=lambda: got.append(q.get_batch(4, timeout=5, linger=30)))
+    taker.start()
+    wait_until(lambda: q._want == 4)  # lingering for a full batch of 4
+    for i in (1, 2, 3):
+        q.put(i)
+    taker.join(10)
+    assert not taker.is_alive()  # woken by the 4th frame, long before the 30 s linger
+    assert uids(got[0]) == [0, 1, 2, 3] and q.inflight == 4
+
+
+def test_linger_gives_up_with_what_is_there():
+    q = FrameQueue()
+    q.put(0)
+    assert uids(q.get_batch(4, timeout=0, linger=0.01)) == [0]
+    assert uids(q.get_batch(4, timeout=0, linger=0.01)) == []  # an empty queue does not linger
+    q.put(1)
+    q.put(2)
+    assert uids(q.get_batch(2, timeout=0, linger=30)) == [1, 2]  # full already: no wait

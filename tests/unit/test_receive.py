@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ptychostream.core.stats import INT32_MAX, saturate
-from ptychostream.pipeline.receive import REORDER_WINDOW, GapCounter
+from ptychostream.pipeline.receive import REORDER_WINDOW, GapCounter, Receiver
 
 KEYS = ("missed", "outoforder", "duplicates", "restarts", "noid")
 
@@ -107,3 +108,31 @@ def test_reset_forgets_the_position_not_the_counts():
     run([1, 4], g)
     g.reset()
     assert run([100, 101], g) == want(missed=2)
+
+
+def ntnd_value(uid: int, shape=(4, 6)):
+    from p4p.nt import NTNDArray
+
+    v = NTNDArray().wrap(np.arange(np.prod(shape), dtype=np.uint16).reshape(shape), attrib={"PositionX": ("d", 1.5)})
+    v["uniqueId"] = uid
+    return v
+
+
+def test_receiver_tells_connect_on_a_change_not_on_every_frame():
+    from p4p.client.thread import Disconnected
+    from p4p.nt import NTScalar
+
+    frames, bad, connects, stale = [], [], [], []
+    r = Receiver(frames.append, bad.append, lambda ok, text: connects.append(ok))
+    r.on_stale = lambda uid, rejoin: stale.append((uid, rejoin))
+    for uid in range(1, 6):
+        r._callback(ntnd_value(uid))
+    assert connects == [True] and stale == [(1, False)] and [f.unique_id for f in frames] == [2, 3, 4, 5]
+    assert frames[0].array.shape == (4, 6) and frames[0].attributes == {"ColorMode": 0, "PositionX": 1.5}
+    r._callback(Disconnected())
+    r._callback(ntnd_value(9))   # the current value after reconnecting: stale, a rejoin
+    r._callback(ntnd_value(10))
+    assert connects == [True, False, True] and stale == [(1, False), (9, True)] and frames[-1].unique_id == 10
+    r._callback(ntnd_value(11, shape=(2, 3, 4)))  # a bad frame while connected: counted, still connected
+    r._callback(NTScalar("d").wrap(1.0))
+    assert len(bad) == 2 and "3 dimensions" in bad[0] and connects == [True, False, True]

@@ -6,6 +6,8 @@ import queue
 import threading
 import time
 
+import pytest
+
 from ptychostream.core.device import DeviceState
 from ptychostream.core.pvdb import load_db
 from ptychostream.pipeline.stitch import MosaicStage
@@ -165,3 +167,125 @@ def test_stitch_backlog_counts_the_inbox_and_the_joiner():
     stage._drain(stage.inbox.get_nowait())
     s = stage.status()
     assert (s["StitchBacklog_RBV"], s["PositionWait_RBV"], s["Stitched_RBV"]) == (11, 11, 5)
+
+
+def _stage_with_images():
+    """A stage whose device keeps the latest frame of each image PV it posts."""
+    device = DeviceState(load_db("reconstructor.db"))
+    images: dict = {}
+    device.add_image_sink(lambda spec, frame: images.__setitem__(spec.suffix, frame))
+    return MosaicStage(device, lambda text, severity: None), images
+
+
+def _placed(x_px, figures, first_uid: int = 1, shape=(16, 16)):
+    """Frames at (y, x) = (0, x_px * 10 nm), constant phase, with the given consistency figures."""
+    import numpy as np
+
+    from ptychostream.core.frames import BatchResult, ImageFrame
+
+    n = len(x_px)
+    frames = [ImageFrame(np.zeros((0, 0), np.uint8), first_uid + i, attributes={"PositionX": 1e-8 * x, "PositionY": 0.0})
+              for i, x in enumerate(x_px)]
+    out = {"phase": np.full((n, *shape), 0.5, np.float32)}
+    figure = None if figures is None else np.asarray(figures, np.float32)
+    return BatchResult(frames, out, np.zeros(n), "m", pixel_m=1e-8, consistency=figure)
+
+
+def _at(frame, y_m: float, x_m: float) -> float:
+    """The value of a published image at metres (y, x), from its Origin/PixelSize attributes."""
+    a = frame.attributes
+    r = round((y_m - a["OriginY"]) / a["PixelSizeY"])
+    c = round((x_m - a["OriginX"]) / a["PixelSizeX"])
+    return float(frame.array[r, c])
+
+
+def test_consistency_map_spreads_each_sampled_figure_over_its_patch():
+    """Each sampled frame's figure covers its patch window; where patches overlap the map is their
+    weight average; frames not sampled (NaN) leave no mark (NaN where no sampled frame reached) and
+    are stitched into the mosaic and counted like any other."""
+    import numpy as np
+
+    stage, images = _stage_with_images()
+    stage._configure({"offset": "none"})  # the mosaic keeps the patches' constant phase
+    # A at x=0 (figure 1), D at x=8 px (3) overlapping A by half, B at 40 px (2), C at 80 px not sampled
+    stage.on_result(_placed([0, 8, 40, 80], [1.0, 3.0, 2.0, np.nan]))
+    stage._drain(stage.inbox.get_nowait())
+    stage.publish()
+    cmap, mosaic = images["ConsistencyMap"], images["Mosaic"]
+    assert cmap.array.shape == mosaic.array.shape and cmap.array.dtype == np.float32
+    assert {k: cmap.attributes[k] for k in ("OriginX", "OriginY", "PixelSizeX")} == \
+        {k: mosaic.attributes[k] for k in ("OriginX", "OriginY", "PixelSizeX")}
+    px = 1e-8
+    assert _at(cmap, 0.0, 40 * px) == pytest.approx(2.0, abs=1e-5)  # B alone
+    assert _at(cmap, 0.0, -6 * px) == pytest.approx(1.0, abs=1e-5)  # A alone
+    assert _at(cmap, 0.0, 12 * px) == pytest.approx(3.0, abs=1e-5)  # D alone
+    # at x = 4 px: A's window pixel 12 and D's pixel 4 (Hann, sin^2 at half-integer phase)
+    w_a, w_d = np.sin(np.pi * 12.5 / 16) ** 2, np.sin(np.pi * 4.5 / 16) ** 2
+    between = _at(cmap, 0.0, 4 * px)
+    assert between == pytest.approx((1.0 * w_a + 3.0 * w_d) / (w_a + w_d), abs=1e-5)
+    assert 1.0 < _at(cmap, 0.0, 2 * px) < between < _at(cmap, 0.0, 6 * px) < 3.0
+    assert np.isnan(_at(cmap, 0.0, 80 * px))  # C was not sampled
+    assert _at(mosaic, 0.0, 80 * px) == pytest.approx(0.5, abs=1e-5)  # ... but it is on the mosaic
+    s = stage.status()
+    assert (s["Stitched_RBV"], s["PositionErrors_RBV"], s["Unpositioned_RBV"]) == (4, 0, 0)
+
+
+def test_no_consistency_figures_no_map():
+    """With the check off (BatchResult.consistency None) the mosaic is published and the map is not."""
+    stage, images = _stage_with_images()
+    stage.on_result(_placed([0, 20], None))
+    stage._drain(stage.inbox.get_nowait())
+    stage.publish()
+    assert "Mosaic" in images and "ConsistencyMap" not in images
+    assert stage.consistency is None
+
+
+def test_mosaic_images_are_display_sized_and_the_full_canvas_is_on_demand():
+    """MosaicDisplaySize bounds the published images (binned by an integer factor, said by Binning and
+    MosaicBinning_RBV, with the pixel size to match); snapshot(), which the record uses, is the full
+    canvas; MosaicDisplaySize 0 publishes the full canvas."""
+    import numpy as np
+
+    stage, images = _stage_with_images()
+    stage.configure(display_size=32, rate_hz=50.0, offset="none")
+    stage.start()
+    try:
+        stage.on_result(_placed(list(range(0, 120, 6)), [1.0] * 20))
+
+        names = ("Mosaic", "MosaicCoverage", "Flashlight", "ConsistencyMap")
+
+        def published(patches: int, binning: int):
+            """The Mosaic once every image of a publish of ``patches`` binned by ``binning`` is in."""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                got = [images.get(name) for name in names]
+                if all(f is not None and f.attributes["Patches"] == patches and f.attributes["Binning"] == binning
+                       for f in got):
+                    return got[0]
+                time.sleep(0.01)
+            raise AssertionError(f"no images of {patches} patches binned {binning}: {images}")
+
+        full = stage.snapshot()
+        assert full is not None and full.binning == 1 and full.shape == (17, 131)
+        b = -(-131 // 31)  # 5: bins sit on the global grid, so a side may take one bin more than 131 / b
+        m = published(20, b)
+        y0, y1, x0, x1 = stage.stitcher.exposed_box
+        assert m.array.shape == (-(-y1 // b) - y0 // b, -(-x1 // b) - x0 // b) and max(m.array.shape) <= 32
+        assert m.attributes["PixelSizeX"] == pytest.approx(b * 1e-8)
+        assert stage.device.get("MosaicBinning_RBV") == b  # set before the images are posted
+        deadline = time.monotonic() + 5  # the extent readback follows the images
+        while "131x17 px" not in stage.device.get("MosaicExtent_RBV") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stage.device.get("MosaicExtent_RBV").endswith("(131x17 px, shown 27x4)")
+        for name in names:
+            assert images[name].array.shape == m.array.shape, name
+        inside = np.isfinite(m.array) & (images["MosaicCoverage"].array > 0.5)
+        assert inside.sum() > 10 and np.allclose(m.array[inside], 0.5, atol=1e-5)  # a constant stays constant
+
+        stage.configure(display_size=0)
+        m = published(20, 1)
+        assert np.array_equal(m.array, stage.snapshot().phase)
+        assert stage.device.get("MosaicBinning_RBV") == 1
+    finally:
+        stage.stop()
+        stage.join(5)

@@ -274,8 +274,10 @@ class ModelLoader(Device):
 class PtychoReconstructor(_DbDevice):
     """The ptychostream reconstructor IOC (prefix ``$(P)$(R)``, e.g. ``PTY:NN:``) over PVA.
 
-    ``read()`` gives the live mosaic, the frame counters, rates, latencies and status;
-    ``read_configuration()`` the model, backend, queue and pre-processing settings.
+    ``read()`` gives the live mosaic, the frame counters, rates, latencies and status, and the
+    physics-consistency figure (``consistency``, ``consistency_p90``, ``consistency_status``);
+    ``read_configuration()`` the model, backend, queue, pre-processing and consistency settings
+    (with ``consistency_info``: the probe in use, or why there is no figure).
     ``stage()`` enables processing, ``unstage()`` disables it. ``model`` is a :class:`ModelLoader`
     (``bps.mv(recon.model, path)`` waits until the model serves).
 
@@ -303,7 +305,8 @@ class PtychoReconstructor(_DbDevice):
     _db_name = "reconstructor.db"
     _read = ("Mosaic", "Processed_RBV", "Dropped_RBV", "Rejected_RBV", "Missed_RBV", "Received_RBV",
              "Backlog_RBV", "Stitched_RBV", "Unpositioned_RBV", "MosaicCoverage_RBV", "InputRate_RBV",
-             "FrameRate_RBV", "LatencyP50_RBV", "LatencyP99_RBV", "Status_RBV", "Message_RBV")
+             "FrameRate_RBV", "LatencyP50_RBV", "LatencyP99_RBV", "Status_RBV", "Message_RBV",
+             "Consistency_RBV", "ConsistencyP90_RBV", "ConsistencyStatus_RBV")
     _hinted = ("Processed_RBV",)
 
     def __init__(self, prefix: str, name: str = "", db: PVDatabase | None = None,
@@ -317,7 +320,8 @@ class PtychoReconstructor(_DbDevice):
         self._stitch_base: dict[str, int] | None = None  # the counters at stage (a MosaicReset zeroes Stitched only)
 
     def _config_attrs(self) -> list[str]:
-        extra = [a for a, s in self.specs.items() if s.suffix in ("ModelStatus_RBV", "ModelInfo_RBV")]
+        extra = [a for a, s in self.specs.items()
+                 if s.suffix in ("ModelStatus_RBV", "ModelInfo_RBV", "ConsistencyInfo_RBV")]
         return super()._config_attrs() + extra
 
     async def describe(self) -> dict[str, DataKey]:

@@ -39,6 +39,8 @@ __all__ = ["MASK_FILE", "SHIPPED_MODEL", "AdaptError", "StatusFile", "add_adapt_
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "ptychonn_edge.onnx"
 #: the bad-pixel mask adapt writes to --out, in the raw detector frame's coordinates (for PreMaskPath)
 MASK_FILE = "bad-pixels.npy"
+#: the training mode of the physics loss alone: the scan's frames, no labels (train/physics.py)
+PHYSICS_MODE = "physics"
 #: share of the progress bar of each stage: (start, end)
 _STAGES = {"read": (0.0, 0.03), "reference": (0.03, 0.30), "pairs": (0.30, 0.33), "train": (0.33, 0.88),
            "score": (0.88, 0.96), "report": (0.96, 0.97), "swap": (0.97, 1.0)}
@@ -257,6 +259,7 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         reference_object,
     )
     from ptychostream.train.loop import train
+    from ptychostream.train.physics import physics_source
 
     status = status or StatusFile(None)
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -345,8 +348,14 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
     split = heldout_split(positions, args.heldout, args.side, guard)
     label_pos = reference.positions_m if reference.positions_m is not None and len(reference.positions_m) == n \
         else positions
-    labels = label_patches(reference, label_pos[split.train], pixel, out)
+    physics_only = args.mode == PHYSICS_MODE
+    labels = None if physics_only else label_patches(reference, label_pos[split.train], pixel, out)
     probe = _probe_modes_of(reference, ref_path, scan, h)
+    # the physics loss explains the frames under the instrument's known probe: the scan file's, else the
+    # recovered one
+    known_probe = scan.probe if scan.probe is not None and np.shape(scan.probe)[-2:] == (h, h) else probe
+    physics_weight = args.physics_weight if args.physics_weight is not None else (1.0 if physics_only else 0.0)
+    overlap_weight = args.overlap_weight if args.overlap_weight is not None else (1.0 if physics_only else 0.0)
     say(f"held out {len(split.held)} frames on the {args.side} ({args.heldout:.0%}), training on {len(split.train)}")
     t = lap("pairs", t)
 
@@ -369,11 +378,23 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         object_px=max(384, 3 * h), pool=8, batch=args.batch, lr=args.lr, seed=args.seed, device=args.device,
         threads=args.threads, init=init, retarget=True, amp_scale=args.amp_scale, stitch_offset=args.offset,
         name=args.name or f"adapted-{Path(args.scan).stem}", val=args.val,
-        epochs=args.epochs or 1, budget_s=None if args.epochs else train_s, budget_reserve_s=0.0)
-    source = instrument_source(cfg, frames=frames[split.train], labels=labels, probe=probe, pixel_m=pixel,
-                               pre=pre, out=out, mode=args.mode, mix=args.mix, bad=bad,
-                               reference=reference_object(reference, split, label_pos, pixel),
-                               reference_share=args.reference_share)
+        epochs=args.epochs or 1, budget_s=None if args.epochs else train_s, budget_reserve_s=0.0,
+        supervised_weight=0.0 if physics_only else 1.0, physics_weight=physics_weight,
+        overlap_weight=overlap_weight, frames_share=args.frames_share)
+    labelled = None
+    if not physics_only:
+        assert labels is not None
+        labelled = instrument_source(cfg, frames=frames[split.train], labels=labels, probe=probe, pixel_m=pixel,
+                                     pre=pre, out=out, mode=args.mode, mix=args.mix, bad=bad,
+                                     reference=reference_object(reference, split, label_pos, pixel),
+                                     reference_share=args.reference_share)
+    if cfg.uses_physics():
+        source = physics_source(cfg, frames=frames[split.train], positions_m=positions[split.train],
+                                modes=known_probe, pixel_m=pixel, pre=pre, out=out, bad=bad if bad.any() else None,
+                                labelled=labelled)
+    else:
+        assert labelled is not None
+        source = labelled
     status.update("train", 0.0, f"training ({args.mode}) from {Path(init).name}")
 
     def step(fraction: float) -> None:
@@ -407,13 +428,15 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         "scan": str(args.scan), "frames": int(n), "pixel_m": pixel, "reference": ref_path,
         "serving_model": str(init), "model": str(new_path), "mode": args.mode,
         "mix": args.mix if args.mode == "mixed" else None, "heldout": split.describe(),
+        "physics": summary.get("physics"),
         "scores": {"serving": old, "adapted": new}, "truth": args.truth, "scores_vs_truth": truth_scores,
         "bad_pixels": {"count": int(bad.sum()), "canonical_rc": np.argwhere(bad).tolist(),
                        "mask": str(mask_path.resolve()) if mask_path is not None else None},
         "errors": {k: held[k]["error"] for k in ("serving", "adapted") if held[k]["error"]},
         "better": bool(better), "reason": reason, "metric": args.metric, "margin": args.margin,
         "report_png": str(png) if png.exists() else None,
-        "training": {k: summary.get(k) for k in ("steps", "epochs", "time_s", "final_val_loss", "data")},
+        "training": {k: summary.get(k) for k in ("steps", "epochs", "time_s", "initial_val_loss", "final_val_loss",
+                                                  "data", "loss")},
         "amplitude_scale": summary["net"].get("amplitude_scale", 1.0), "swapped": False, "ioc": args.ioc,
     }
     t = lap("report", t)
@@ -505,8 +528,19 @@ def add_adapt_parser(sub: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--init", metavar="MODEL.onnx", help="start from this model (default: the one the IOC serves "
                    "with --ioc, else the shipped model)")
-    g.add_argument("--mode", default="mixed", choices=MODES,
-                   help="the scan's own pairs, probe-centric synthetic pairs, or both (default mixed)")
+    g.add_argument("--mode", default="mixed", choices=(*MODES, PHYSICS_MODE),
+                   help="the scan's own pairs, probe-centric synthetic pairs, or both (default mixed); physics: "
+                        "the scan's frames alone, no labels (the Poisson likelihood under the known probe, and "
+                        "the overlap term; the reference is then used for the scores only)")
+    g.add_argument("--physics-weight", type=float,
+                   help="weight of the physics loss (the Poisson deviance of the training frames under the scan's "
+                        "probe); default 1 with --mode physics, else 0 (set it to mix it into the supervised loss)")
+    g.add_argument("--overlap-weight", type=float,
+                   help="weight of the overlap term (neighbouring patches agree); default 1 with --mode physics, "
+                        "else 0")
+    g.add_argument("--frames-share", type=float, default=0.5,
+                   help="share of each batch from the scan's unlabelled frames when the physics loss is mixed in "
+                        "(default 0.5)")
     g.add_argument("--mix", type=float, default=0.3,
                    help="synthetic fraction of each batch in mixed mode (default 0.3)")
     g.add_argument("--reference-share", type=float, default=0.0,

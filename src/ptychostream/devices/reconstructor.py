@@ -37,6 +37,7 @@ from ptychostream.files.errors import FileFormatError
 from ptychostream.files.hdf5 import dataset as h5_dataset
 from ptychostream.files.hdf5 import dataset_names, find_dataset, is_hdf5
 from ptychostream.files.paths import split_dataset_path
+from ptychostream.model.consistency import ConsistencyMonitor, ProbeError
 from ptychostream.model.infer import Model, ModelError
 from ptychostream.model.preprocess import NORMALISATIONS as NORMS
 from ptychostream.model.preprocess import SCALES, Preprocess
@@ -115,11 +116,19 @@ class Reconstructor:
                                self.out_rate, self._on_reject)
         self.batcher.batch_size = d.get("BatchSize")
         self.batcher.on_health = self._on_model_health
+        #: the physics-consistency check on the inference thread (model/consistency.py)
+        self.consistency = ConsistencyMonitor(share=d.get("ConsistencyShare"), limit=d.get("ConsistencyLimit"),
+                                              frames=d.get("ConsistencyFrames"))
+        self.consistency.on_alarm = self._on_consistency_alarm
+        self.batcher.after_infer = self.consistency
         self.receiver = Receiver(self._on_monitor_frame, self._on_bad_frame, self._on_connect)
         self.mosaic = MosaicStage(d, lambda text, sev: self.message(text, severity=sev))
         self.publisher.add_listener(self.mosaic.on_result)
         #: the areaDetector ArrayCounter: frames reconstructed, counting on from the last ArrayCounter put
         self._array_counter = 0
+        self._array_uid: int | None = None
+        self._array_shape: tuple[int, int] | None = None
+        self._arrays_shown: tuple[int, int | None, tuple[int, int] | None] | None = None
         self._array_lock = threading.Lock()
         self.publisher.add_listener(self._on_result)
         d.set("DriverVersion_RBV", __version__)
@@ -159,14 +168,18 @@ class Reconstructor:
         self._register()
         for name in ("BatchSize", "BacklogLimit", "BacklogPolicy", "PublishRate", "PositionSource", "PosAttrX",
                      "PosAttrY", "PosScale", "PositionTimeout", "PixelSize", "MosaicRate", "MosaicOffset",
-                     "MotorTolerance", "RetrainBudget", "RetrainSwap"):
+                     "MosaicDisplaySize", "MotorTolerance", "RetrainBudget", "RetrainSwap"):
             d.set(f"{name}_RBV", d.get(name))
+        for name in ("ConsistencyLimit", "ConsistencyFrames"):
+            d.set(f"{name}_RBV", d.get(name))
+        d.set("ConsistencyShare_RBV", self.consistency.used_share())
         self.mosaic.configure(**self._mosaic_settings())
         d.set("Backend_RBV", d.get("Backend"))
         self._show_preprocess(self._preprocess_from_pvs())
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
+        self.publisher.start()  # Phase/Amplitude posts on their own thread, off the inference loop
         self.batcher.start()
         self.mosaic.start()
 
@@ -203,6 +216,7 @@ class Reconstructor:
                 time.sleep(0.01)
         self.batcher.stop()
         self.batcher.join(timeout=5)
+        self.publisher.stop()  # the images of the last results are posted
         with self._slow_lock:
             pending = list(self._slow_puts.values())
         wait_futures(pending, timeout=STOP_PUTS_S)
@@ -240,6 +254,7 @@ class Reconstructor:
             ("Duplicates", c["duplicates"]), ("SourceRestarts", c["restarts"]), ("Dropped", dropped),
             ("Backlog", backlog))})
         self._report_growth(c, dropped)
+        self._show_arrays()
         in_rate, out_rate = self.in_rate.rate(), self.out_rate.rate()
         d.set("QueueFree_RBV", saturate(max(0, self.queue.limit - backlog)))
         d.set("InputRate_RBV", round(in_rate, 1))
@@ -257,8 +272,11 @@ class Reconstructor:
             state = ST_RUNNING
         else:
             state = ST_IDLE
-        # a model that keeps giving NaN/inf raises the device status alarm too (see Batcher.on_health)
-        d.set("Status_RBV", state, severity=max(d.db["Status_RBV"].severity_of(state), self.model_severity()))
+        # a model that keeps giving NaN/inf raises the device status alarm too (see Batcher.on_health), and so
+        # does one whose patches do not explain the frames (ConsistencyMonitor.on_alarm)
+        d.set("Status_RBV", state, severity=max(d.db["Status_RBV"].severity_of(state), self.model_severity(),
+                                                self.consistency.severity))
+        self._show_consistency()
         d.set_many({name: saturate(value) for name, value in self.mosaic.status().items()})
         rec = self.recorder
         written, rec_dropped = (rec.written, rec.dropped) if rec is not None else self._record_counts
@@ -316,16 +334,31 @@ class Reconstructor:
         self.queue.put(frame)
 
     def _on_result(self, result: BatchResult) -> None:
-        """A published batch into the areaDetector readbacks: ArrayCounter, UniqueId and the Phase's shape."""
-        d = self.device
+        """A published batch into the areaDetector readbacks (ArrayCounter, UniqueId, the Phase's
+        shape), kept here and posted by the status scan (:meth:`_show_arrays`): no PV post per batch
+        on the inference thread."""
+        phase = result.outputs.get("phase")
         with self._array_lock:
             self._array_counter = min(self._array_counter + len(result.frames), 2**31 - 1)
-            d.set("ArrayCounter_RBV", self._array_counter)
-        if result.frames:
-            d.set("UniqueId_RBV", saturate(result.frames[-1].unique_id))
-        phase = result.outputs.get("phase")
-        if phase is not None and phase.ndim == 3:
-            d.set_many({"ArraySize0_RBV": phase.shape[2], "ArraySize1_RBV": phase.shape[1]})
+            if result.frames:
+                self._array_uid = saturate(result.frames[-1].unique_id)
+            if phase is not None and phase.ndim == 3:
+                self._array_shape = (phase.shape[2], phase.shape[1])
+
+    def _show_arrays(self) -> None:
+        """ArrayCounter_RBV, UniqueId_RBV and ArraySize0/1_RBV, when they changed."""
+        with self._array_lock:
+            shown = (self._array_counter, self._array_uid, self._array_shape)
+        if shown == self._arrays_shown:
+            return
+        self._arrays_shown = shown
+        counter, uid, shape = shown
+        values: dict[str, int] = {"ArrayCounter_RBV": counter}
+        if uid is not None:
+            values["UniqueId_RBV"] = uid
+        if shape is not None:
+            values |= {"ArraySize0_RBV": shape[0], "ArraySize1_RBV": shape[1]}
+        self.device.set_many(values)
 
     def _on_stale(self, uid: int, rejoin: bool) -> None:
         """The channel's current value seen on (re)connecting: not a received frame. On joining, its
@@ -412,7 +445,7 @@ class Reconstructor:
         def _array_counter(value: int) -> None:
             with self._array_lock:
                 self._array_counter = value
-                d.set("ArrayCounter_RBV", value)
+            self._show_arrays()
 
         @on("NDArrayAddress")  # areaDetector's input address: one input here, the value is only shown
         def _address(value: int) -> None:
@@ -462,6 +495,7 @@ class Reconstructor:
         mosaic_setting("PositionTimeout", "timeout_s")
         mosaic_setting("PixelSize", "pixel_m")
         mosaic_setting("MosaicRate", "rate_hz")
+        mosaic_setting("MosaicDisplaySize", "display_size")
         mosaic_setting("MosaicOffset", "offset", lambda v: d.db["MosaicOffset"].enum_strs[v])
 
         @on("MotorTolerance")
@@ -606,6 +640,58 @@ class Reconstructor:
         def _retrain_swap(value: int) -> None:
             d.set("RetrainSwap_RBV", value)
 
+        # -- physics consistency --
+        @on("ConsistencyShare")
+        def _consistency_share(value: float) -> None:
+            d.set("ConsistencyShare_RBV", self.consistency.set_share(value))
+
+        @on("ConsistencyLimit")
+        def _consistency_limit(value: float) -> None:
+            self.consistency.set_limit(value, d.get("ConsistencyFrames_RBV"))
+            d.set("ConsistencyLimit_RBV", value)
+
+        @on("ConsistencyFrames")
+        def _consistency_frames(value: int) -> None:
+            self.consistency.set_limit(d.get("ConsistencyLimit_RBV"), value)
+            d.set("ConsistencyFrames_RBV", value)
+
+        @on("ProbeFile")
+        def _probe_file(value: str) -> Busy | str:
+            value = value.strip()
+            if value == d.get("ProbeFile_RBV"):
+                return value
+            return self._slow_put("ProbeFile", value, lambda: self._apply_probe_file(value))
+
+    def _apply_probe_file(self, path: str) -> str:
+        """ProbeFile's slow part (a worker thread): read the probe and check it against the serving model
+        (its own probe's size, else the streaming frames' object window); refused, the previous probe stays."""
+        frame = self.batcher.streaming_frame()
+        try:
+            used = self.consistency.set_probe_file(path, None if frame is None else frame.shape,
+                                                   int(self.device.get("PreBin_RBV")))
+        except ProbeError as exc:
+            raise PutError(f"ProbeFile: {exc}; the previous probe stays ({self.consistency.source()})") from None
+        self.device.set("ProbeFile_RBV", path)
+        self.message(f"ProbeFile {path}: consistency figure from {used}" if path else
+                     f"ProbeFile unloaded: consistency figure from {used}")
+        return path
+
+    def _show_consistency(self) -> None:
+        """The consistency figures and state into their readbacks (the status task)."""
+        d, mon = self.device, self.consistency
+        median, p90 = mon.figures()
+        for name, value in (("Consistency_RBV", median), ("ConsistencyP90_RBV", p90)):
+            if not (math.isnan(value) and math.isnan(d.get(name))):  # NaN: no figure (NaN != NaN)
+                d.set(name, value)
+        d.set("ConsistencySampled_RBV", saturate(mon.sampled))
+        d.set("ConsistencyStatus_RBV", mon.state())
+        d.set("ConsistencyInfo_RBV", mon.source())
+
+    def _on_consistency_alarm(self, severity: int, text: str) -> None:
+        """The serving model stopped explaining the frames, or explains them again (the inference thread)."""
+        if text:
+            self.message(text, severity=severity)
+
     def _finish_record(self, rec: Recorder) -> None:
         """Close a record with the final mosaic (off the put path)."""
         try:
@@ -701,7 +787,8 @@ class Reconstructor:
         d = self.device
         return {"source": SOURCES[d.get("PositionSource")], "attr_x": d.get("PosAttrX"),
                 "attr_y": d.get("PosAttrY"), "scale": d.get("PosScale"), "pixel_m": d.get("PixelSize"),
-                "rate_hz": d.get("MosaicRate"), "timeout_s": d.get("PositionTimeout"),
+                "rate_hz": d.get("MosaicRate"), "display_size": d.get("MosaicDisplaySize"),
+                "timeout_s": d.get("PositionTimeout"),
                 "offset": d.db["MosaicOffset"].enum_strs[d.get("MosaicOffset")]}
 
     def _on_table(self, value) -> None:
@@ -986,6 +1073,7 @@ class Reconstructor:
         d = self.device
         if not path:
             self.batcher.swap(None, self.batcher.preprocess or self._preprocess_from_pvs())
+            self.consistency.set_model(None)
             self._finish_load(seq, MODEL_NONE, "model unloaded; frames wait in the queue")
             d.set("ModelPath_RBV", "")
             d.set("ModelInfo_RBV", "")
@@ -1017,6 +1105,9 @@ class Reconstructor:
             return
         if not self._fits_stream(seq, path, model, pre):
             return
+        note = self.consistency.set_model(info)  # the model's probe, before it serves
+        if note:
+            self.message(note, severity=1)
         with self.device.handler_lock:  # a Pre* put meanwhile is in the settings taken, not lost
             pre, ignored = self._preprocess_for(info.preprocess)
             taken = self.batcher.swap(model, pre)

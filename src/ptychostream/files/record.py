@@ -12,6 +12,9 @@ Layout (``NX_class`` attributes on the groups)::
         amplitude   (N, h, w) float32            (when the model gives it)
         unique_id   (N,) int64                   NTNDArray uniqueId of the input frame
         timestamp   (N,) float64                 EPICS time stamp of the input frame, s since 1970
+        consistency (N,) float32                 Poisson deviance per pixel of the frame against
+                                                 the model's prediction (model/consistency.py),
+                                                 NaN where the frame was not sampled
         position_x_m, position_y_m (N,) float64  the position the frame was stitched at, metres
                                                  (NaN: none came), from any position source
         position_source (N,) uint8 HDF5 enum     where it came from: Attributes (the frame's

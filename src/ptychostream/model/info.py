@@ -15,8 +15,14 @@ Metadata travels in the ONNX ``metadata_props`` under these keys:
                             channels in order)
 ``ptychostream.pixel_m``    real-space pixel size of the output, metres
 ``ptychostream.probe_id``   identifier of the probe the model was trained with
+``ptychostream.probe``      the probe file (``.npy`` or HDF5), relative to the model file's folder
 ``ptychostream.training``   JSON object describing the training run
 =========================== ==========================================================
+
+A model carries its probe (complex, on its object-pixel grid) as a file beside it: the one
+``ptychostream.probe`` names, else ``<stem>.probe.npy`` next to the model (``ptychonn_edge.onnx``
+→ ``ptychonn_edge.probe.npy``; for an engine, next to its ONNX file too), found by
+:func:`probe_sidecar`. The physics-consistency check (:mod:`ptychostream.model.consistency`) uses it.
 
 Of ``ptychostream.preprocess`` a serving IOC takes only the model's settings (crop size, bin,
 scale, normalisation: :data:`~ptychostream.model.preprocess.MODEL_FIELDS`); the instrument's
@@ -42,11 +48,14 @@ from typing import Any
 from ptychostream.model.gpu import BackendError, inspect_engine
 from ptychostream.model.preprocess import Preprocess
 
-__all__ = ["ModelError", "ModelInfo", "load_model_file", "count_parameters", "META_PREFIX", "META_KEYS"]
+__all__ = ["ModelError", "ModelInfo", "load_model_file", "count_parameters", "probe_sidecar", "META_PREFIX",
+           "META_KEYS", "PROBE_SUFFIX"]
 
 META_PREFIX = "ptychostream."
 META_KEYS = tuple(META_PREFIX + k for k in (
-    "name", "preprocess", "outputs", "pixel_m", "probe_id", "training"))
+    "name", "preprocess", "outputs", "pixel_m", "probe_id", "probe", "training"))
+#: the probe file beside a model found by name: ``<stem>.probe.npy``
+PROBE_SUFFIX = ".probe.npy"
 LABELS = ("phase", "amplitude")
 ENGINE_SUFFIXES = (".engine", ".plan")
 
@@ -400,3 +409,25 @@ def load_model_file(path: str | Path) -> ModelInfo:
     if p.suffix.lower() in ENGINE_SUFFIXES:
         return _engine_info(p, sha)
     return _info_from_onnx_bytes(p, data, sha)
+
+
+def probe_sidecar(info: ModelInfo) -> Path | None:
+    """The probe file a model carries, or None: ``ptychostream.probe`` (relative to the model's folder),
+    else ``<stem>.probe.npy`` beside the model file or, for an engine, beside its ONNX file."""
+    named = info.metadata.get(META_PREFIX + "probe")
+    models = [Path(info.path)] + ([Path(info.onnx_path)] if info.onnx_path else [])
+    for model in models:
+        if named:
+            cand = Path(named).expanduser()
+            cand = cand if cand.is_absolute() else model.parent / cand
+            if cand.is_file():
+                return cand
+            continue
+        stem = model.name
+        for suffix in (".onnx", *ENGINE_SUFFIXES):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+        cand = model.with_name(stem.split(".onnx.")[0] + PROBE_SUFFIX)
+        if cand.is_file():
+            return cand
+    return None

@@ -19,7 +19,9 @@ The steps, in order, on each frame of a stack (n, H, W):
 
 Only the pixels inside the crop are converted and processed, and the fftshift is
 folded into the crop indices, so a 516² frame cropped to 512 and binned to 128
-costs one gather and one reduction.
+costs one gather and one reduction. An fftshift that wraps around the frame edge is
+gathered as at most four block copies into a contiguous array (never an element-wise
+fancy index, whose result also made the binning that follows copy again).
 
 Two kinds of setting (:data:`INSTRUMENT_FIELDS`, :data:`MODEL_FIELDS`). The detector's
 own (origin/fftshift, orientation, crop centre, dark, bad-pixel mask, threshold) are the
@@ -232,20 +234,22 @@ class Preprocess:
                          f"by cropping and binning (bin <= {max_bin})")
 
     def _plan(self, H: int, W: int) -> tuple:
-        """Cached (row index, col index, dark crop) for a raw frame size."""
+        """Cached (rows, cols, dark crop, bad pixels, crop height, crop width, output (h, w)) for a raw
+        frame size (validated once per plan, not per batch)."""
         key = (H, W, bool(self.fftshift), self.crop_size,
                None if self.crop_center is None else tuple(self.crop_center), int(self.bin),
-               id(self.dark), id(self.mask))
+               id(self.dark), id(self.mask), self.transpose, self.flip_y, self.flip_x, self.scale, self.normalise, self.norm_value,
+               self.threshold)
         cache = self.__dict__.setdefault("_plan_cache", {})
         plan = cache.get(key)
         if plan is not None:
             return plan
-        self.output_shape((H, W))
+        oshape = self.output_shape((H, W))
         r0, c0, h, w = self._window(H, W)
-        rows: np.ndarray | slice
-        cols: np.ndarray | slice
+        rows: _Index
+        cols: _Index
         if self.fftshift:
-            # a contiguous run in raw coordinates can still be a slice
+            # a contiguous run in raw coordinates can still be a slice, a wrapped one is two runs
             rows = _as_slice((np.arange(r0, r0 + h) - H // 2) % H)
             cols = _as_slice((np.arange(c0, c0 + w) - W // 2) % W)
         else:
@@ -259,7 +263,7 @@ class Preprocess:
             bad = np.ascontiguousarray(_take(np.asarray(self.mask)[None] != 0, rows, cols)[0])
             if not bad.any():
                 bad = None
-        plan = (rows, cols, dark, bad, h, w)
+        plan = (rows, cols, dark, bad, h, w, oshape)
         cache.clear()
         cache[key] = plan
         return plan
@@ -276,9 +280,9 @@ class Preprocess:
         if frames.dtype.kind not in "biuf":
             raise ValueError(f"frames must be numeric, got dtype {frames.dtype}")
         n, H, W = frames.shape
-        rows, cols, dark, bad, h, w = self._plan(H, W)
+        rows, cols, dark, bad, h, w, shape = self._plan(H, W)
         b = int(self.bin)
-        oshape = (n, *self.output_shape((H, W)))
+        oshape = (n, *shape)
         if out is None:
             out = np.empty(oshape, dtype=np.float32)
         elif out.shape != oshape or out.dtype != np.float32:
@@ -286,7 +290,6 @@ class Preprocess:
         final = out
         if self.transpose or self.flip_y or self.flip_x:  # worked on unoriented, copied oriented at the end
             out = np.empty((n, h // b, w // b), dtype=np.float32)
-        region = _take(frames, rows, cols)
         thr = float(self.threshold)
         # per-pixel work (dark, threshold) is skipped when it cannot change anything:
         # unsigned counts are never below a threshold <= 0
@@ -294,9 +297,9 @@ class Preprocess:
         if pixel_ops or b == 1:
             work = out if b == 1 else np.empty((n, h, w), dtype=np.float32)
             if dark is not None:
-                np.subtract(region, dark, out=work, dtype=np.float32, casting="unsafe")
+                np.subtract(_take(frames, rows, cols), dark, out=work, dtype=np.float32, casting="unsafe")
             else:
-                work[...] = region
+                _take(frames, rows, cols, out=work)
             if bad is not None:
                 work[:, bad] = 0.0
             if pixel_ops and thr == 0.0:
@@ -304,8 +307,10 @@ class Preprocess:
             elif pixel_ops:
                 work[work < thr] = 0.0
             region = work
-        if b > 1:
-            _bin_sum(region, b, out)
+            if b > 1:
+                _bin_sum(region, b, out)
+        elif not _bin_blocks(frames, rows, cols, b, out):
+            _bin_sum(_take(frames, rows, cols), b, out)
         if self.scale == "log1p":
             np.log1p(out, out=out)
         elif self.scale == "sqrt":
@@ -411,10 +416,16 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _as_slice(idx: np.ndarray) -> np.ndarray | slice:
+#: an axis of the crop: one slice, or (source slice, destination slice) runs that gather it
+_Index = slice | tuple[tuple[slice, slice], ...]
+
+
+def _as_slice(idx: np.ndarray) -> _Index:
+    """Raw indices of one crop axis as a slice, or as the ascending runs they are made of."""
     if idx.size and np.all(np.diff(idx) == 1):
         return slice(int(idx[0]), int(idx[-1]) + 1)
-    return idx
+    cuts = [0, *(np.flatnonzero(np.diff(idx) != 1) + 1).tolist(), int(idx.size)]
+    return tuple((slice(int(idx[a]), int(idx[z - 1]) + 1), slice(a, z)) for a, z in zip(cuts[:-1], cuts[1:]))
 
 
 def _bin_sum(src: np.ndarray, b: int, out: np.ndarray) -> None:
@@ -436,12 +447,35 @@ def _bin_sum(src: np.ndarray, b: int, out: np.ndarray) -> None:
         np.add(out, cols[..., k], out=out, **kw)
 
 
-def _take(frames: np.ndarray, rows, cols) -> np.ndarray:
-    """frames[:, rows][:, :, cols] with slices as views and index arrays gathered once."""
+def _bin_blocks(frames: np.ndarray, rows: _Index, cols: _Index, b: int, out: np.ndarray) -> bool:
+    """Bin the runs of a wrapped (fftshifted) crop block by block straight into ``out``, with no
+    gathered copy; False (nothing done) when a run does not start and end on a bin boundary."""
     if isinstance(rows, slice) and isinstance(cols, slice):
-        return frames[:, rows, cols]
-    if isinstance(rows, slice):
-        return frames[:, rows][:, :, cols]
-    if isinstance(cols, slice):
-        return frames[:, :, cols][:, rows]
-    return frames[:, rows[:, None], cols[None, :]]
+        return False
+    rr = ((rows, slice(0, rows.stop - rows.start)),) if isinstance(rows, slice) else rows
+    cc = ((cols, slice(0, cols.stop - cols.start)),) if isinstance(cols, slice) else cols
+    if any(d.start % b or d.stop % b for _, d in (*rr, *cc)):
+        return False
+    for src_r, dst_r in rr:
+        for src_c, dst_c in cc:
+            _bin_sum(frames[:, src_r, src_c], b,
+                     out[:, dst_r.start // b:dst_r.stop // b, dst_c.start // b:dst_c.stop // b])
+    return True
+
+
+def _take(frames: np.ndarray, rows: _Index, cols: _Index, out: np.ndarray | None = None) -> np.ndarray:
+    """frames[:, rows][:, :, cols]: a view when both are slices (a copy into ``out`` if given), else a
+    C-contiguous gather of the runs' blocks (into ``out``, cast to its dtype, or a new array)."""
+    if isinstance(rows, slice) and isinstance(cols, slice):
+        if out is None:
+            return frames[:, rows, cols]
+        np.copyto(out, frames[:, rows, cols], casting="unsafe")
+        return out
+    rr = ((rows, slice(0, rows.stop - rows.start)),) if isinstance(rows, slice) else rows
+    cc = ((cols, slice(0, cols.stop - cols.start)),) if isinstance(cols, slice) else cols
+    if out is None:
+        out = np.empty((frames.shape[0], rr[-1][1].stop, cc[-1][1].stop), dtype=frames.dtype)
+    for src_r, dst_r in rr:
+        for src_c, dst_c in cc:
+            np.copyto(out[:, dst_r, dst_c], frames[:, src_r, src_c], casting="unsafe")
+    return out

@@ -30,10 +30,18 @@ Accumulation
 Float planes ``num_phase``, ``weight`` and, once amplitudes arrive, ``num_amp`` are kept
 (a fourth, ``weight_amp``, only if batches with and without amplitude are mixed); nothing
 per frame is stored, so memory is bounded by the canvas (``max_canvas_px`` per side) plus
-scratch for one chunk of ``chunk`` patches. Each batch
-is splatted with a single :func:`numpy.add.at` per plane on flat canvas indices (the
-four bilinear corners are folded into one (h+1, w+1) block per patch first, with
-separable weights, because a patch's fractional offset is shared by all its pixels).
+scratch for one chunk of ``chunk`` patches. A batch is prepared at once (window, offset, and
+the four bilinear corners folded into one (h+1, w+1) block per patch with separable weights,
+because a patch's fractional offset is shared by all its pixels), then each block is added to
+each plane with one slice-add, in batch order: the sums are those of a grouped
+:func:`numpy.add.at` over flat indices, bit for bit. For 64x64 patches in batches of 64 the two
+scatter about equally fast (numpy 2 gives ``add.at`` a fast path) and :func:`numpy.bincount`
+over the batch's bounding box is slower; slice-adds need no index arrays, and the "overlap" step
+reads the canvas under each patch as views instead of gathering it (3x faster). :meth:`Stitcher.add_values` splats one
+value per patch (a map of a per-frame figure) at the cost of the weights alone.
+
+Every change is also recorded as a dirty box per reader (:meth:`Stitcher.take_dirty`), so a
+display-sized view (:mod:`ptychostream.mosaic.display`) is updated where patches landed.
 
 Phase offset reconciliation (networks predict phase up to a constant per patch):
 
@@ -121,6 +129,8 @@ class MosaicImage:
     origin_m: tuple[float, float]
     pixel_m: float
     n_patches: int
+    #: canvas pixels per side of each pixel here (a display-sized image, :mod:`.display`); 1: the canvas
+    binning: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -184,7 +194,6 @@ class Stitcher:
         self._wx = wx.astype(self.dtype)
         self._win = np.outer(wy, wx).astype(self.dtype)
         self._win_sum = float(np.outer(wy, wx).sum())
-        self._off_cache: tuple[int, np.ndarray] | None = None
         self._ws: dict[str, np.ndarray] = {}
         self._outs: dict[str, np.ndarray] = {}
         self._flip = 0
@@ -219,6 +228,11 @@ class Stitcher:
         self.last_error = ""
         self.n_patches = 0
         self._content: list[int] | None = None  # [y0, y1, x0, x1) global px touched
+        #: per reader of take_dirty(): the global px box changed since its last call
+        self._dirty: dict[object, list[int] | None] = {}
+        #: a new object at every reset (and for every stitcher): a view kept from the planes compares it
+        #: by identity to know when to start again (an ``id()`` may be reused once a stitcher is freed)
+        self.generation = object()
         self.num_amp: np.ndarray | None = None
         self.weight_amp: np.ndarray | None = None  # None: amplitude shares `weight`
         self._noamp_seen = False
@@ -257,6 +271,33 @@ class Stitcher:
         if self._content is None:
             return (0, 0, 0, 0)
         return tuple(self._content)  # type: ignore[return-value]
+
+    @property
+    def exposed_box(self) -> tuple[int, int, int, int]:
+        """Global pixel box ``[y0, y1, x0, x1)`` of the mosaic that :meth:`mosaic` returns now."""
+        return self._exposed()
+
+    def take_dirty(self, reader: object) -> tuple[int, int, int, int] | None:
+        """The global pixel box that patches changed since ``reader``'s last call (None: none).
+
+        Each reader (a hashable key, e.g. the view itself) has its own box; a reader's first call
+        (and its first after a :meth:`reset`) returns the whole exposed mosaic.
+        """
+        if reader not in self._dirty:
+            self._dirty[reader] = None
+            return self._exposed()
+        d, self._dirty[reader] = self._dirty[reader], None
+        return None if d is None else (d[0], d[1], d[2], d[3])
+
+    def planes(self, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                                np.ndarray | None]:
+        """Views of ``(num_phase, weight, num_amp, weight_amp)`` over the global pixel box ``box``
+        (which must lie inside the exposed mosaic); ``weight_amp`` None: amplitude shares ``weight``."""
+        y0, y1, x0, x1 = box
+        win = (slice(y0 - self._oy, y1 - self._oy), slice(x0 - self._ox, x1 - self._ox))
+        return (self.num_phase[win], self.weight[win],
+                None if self.num_amp is None else self.num_amp[win],
+                None if self.weight_amp is None else self.weight_amp[win])
 
     # ------------------------------------------------------------------ geometry
     def _corners(self, positions_m: np.ndarray):
@@ -395,33 +436,28 @@ class Stitcher:
         np.multiply(by[:, :, None], bx[:, None, :], out=Wb)
         return Wb
 
-    def _reconcile(self, Q: np.ndarray, Wb: np.ndarray, idx: np.ndarray) -> None:
+    def _reconcile(self, Q: np.ndarray, Wb: np.ndarray, ry: list[int], rx: list[int]) -> None:
         """offset="overlap": shift each (mean-removed) block to agree with the canvas.
 
         The offset o_k minimises sum(Wb * w_canvas * (Q/Wb - o - num/w_canvas)^2) over the
         footprint, i.e. o_k = sum(w_canvas * Q - Wb * num) / sum(Wb * w_canvas). Patches
-        with too little overlap keep their own mean removed.
+        with too little overlap keep their own mean removed. Block k covers allocation rows
+        ``ry[k]:ry[k] + h + 1`` and columns ``rx[k]:rx[k] + w + 1`` (read as views, not gathered).
         """
         m = Q.shape[0]
-        ng = self.num_phase.reshape(-1)[idx].reshape(m, -1)
-        wg = self.weight.reshape(-1)[idx].reshape(m, -1)
-        Qr = Q.reshape(m, -1)
-        Wr = Wb.reshape(m, -1)
-        den = np.einsum("ij,ij->i", Wr, wg, dtype=np.float64)
-        num = (np.einsum("ij,ij->i", wg, Qr, dtype=np.float64)
-               - np.einsum("ij,ij->i", Wr, ng, dtype=np.float64))
-        ok = den > self.overlap_min * Wr.sum(axis=1, dtype=np.float64)
+        h, w = self.patch_shape
+        den = np.empty(m)
+        num = np.empty(m)
+        for k in range(m):
+            foot = (slice(ry[k], ry[k] + h + 1), slice(rx[k], rx[k] + w + 1))
+            wg = self.weight[foot]
+            den[k] = np.einsum("ij,ij->", Wb[k], wg, dtype=np.float64)
+            num[k] = (np.einsum("ij,ij->", wg, Q[k], dtype=np.float64)
+                      - np.einsum("ij,ij->", Wb[k], self.num_phase[foot], dtype=np.float64))
+        ok = den > self.overlap_min * Wb.reshape(m, -1).sum(axis=1, dtype=np.float64)
         if ok.any():
             o = np.where(ok, num / np.where(ok, den, 1.0), 0.0).astype(self.dtype)
             Q -= o[:, None, None] * Wb
-
-    def _offsets(self, AW: int) -> np.ndarray:
-        if self._off_cache is None or self._off_cache[0] != AW:
-            h, w = self.patch_shape
-            off = (np.arange(h + 1, dtype=np.intp)[:, None] * AW
-                   + np.arange(w + 1, dtype=np.intp)[None, :]).ravel()
-            self._off_cache = (AW, off)
-        return self._off_cache[1]
 
     def _prepare(self, phase: np.ndarray) -> np.ndarray:
         """Windowed, offset-corrected phase (n, h, w) in a scratch buffer."""
@@ -435,6 +471,46 @@ class Stitcher:
             np.multiply(mean[:, None, None], self._win, out=tmp)
             P -= tmp
         return P
+
+    def _splat_chunk(self, phase: np.ndarray | None, amplitude: np.ndarray | None, values: np.ndarray | None,
+                     ay: np.ndarray, ax: np.ndarray, ry: list[int], rx: list[int]) -> None:
+        """Splat accepted patches: window, offset and bilinear fold for all of them at once, then
+        one slice-add per patch and plane at allocation row ``ry[k]``, column ``rx[k]``.
+
+        Patches land in batch order, as with ``np.add.at``, so the sums are the same; for
+        offset="overlap" each step of ``overlap_chunk`` patches is first matched to the canvas
+        that the steps before it made. ``values`` (one per patch) stand for constant patches.
+        """
+        m = ay.shape[0]
+        h, w = self.patch_shape
+        Wb = self._weight_blocks(ay, ax)
+        if phase is not None:
+            Q = self._bilinear_blocks(self._prepare(phase), ay, ax)
+        else:
+            assert values is not None
+            Q = self._buf("Q", Wb.shape)
+            np.multiply(Wb, values[:, None, None], out=Q)
+        A = None
+        if amplitude is not None and self.num_amp is not None:
+            Pa = self._buf("Pa", (m,) + self.patch_shape)
+            np.multiply(amplitude, self._win, out=Pa, casting="unsafe")
+            A = self._bilinear_blocks(Pa, ay, ax, out="QA")
+        num, wt, amp, wamp = self.num_phase, self.weight, self.num_amp, self.weight_amp
+        overlap = self.offset == "overlap"
+        step = max(1, self.overlap_chunk) if overlap else m
+        for s0 in range(0, m, step):
+            s1 = min(s0 + step, m)
+            if overlap:
+                self._reconcile(Q[s0:s1], Wb[s0:s1], ry[s0:s1], rx[s0:s1])
+            for k in range(s0, s1):
+                y, x = ry[k], rx[k]
+                foot = (slice(y, y + h + 1), slice(x, x + w + 1))
+                num[foot] += Q[k]
+                wt[foot] += Wb[k]
+                if A is not None and amp is not None:
+                    amp[foot] += A[k]
+                    if wamp is not None:
+                        wamp[foot] += Wb[k]
 
     def add(self, phase: np.ndarray, positions_m: np.ndarray,
             amplitude: np.ndarray | None = None) -> int:
@@ -461,13 +537,35 @@ class Stitcher:
                 raise ValueError(f"amplitude shape {amplitude.shape} != {phase.shape}")
         if n == 0:
             return 0
-        h, w = self.patch_shape
-
-        finite = np.isfinite(pos[:, 0]) & np.isfinite(pos[:, 1])
         # one cheap reduction finds patches holding NaN/inf (inf - inf is NaN too)
         ok_data = np.isfinite(phase.sum(axis=(1, 2)))
         if amplitude is not None:
             ok_data &= np.isfinite(amplitude.sum(axis=(1, 2)))
+        return self._add(pos, ok_data, phase, amplitude, None)
+
+    def add_values(self, values: np.ndarray, positions_m: np.ndarray) -> int:
+        """Splat one value per patch, spread over its window: a map of a per-frame figure.
+
+        The same as :meth:`add` with constant patches ``values[k]`` (within float rounding), at
+        the cost of the weights alone; only for ``offset="none"`` (an offset would remove the
+        constant). Non-finite values are rejected like non-finite data. Returns how many were accepted.
+        """
+        if self.offset != "none":
+            raise ValueError(f"add_values needs offset='none', not {self.offset!r}")
+        vals = np.asarray(values, dtype=self.dtype).reshape(-1)
+        pos = np.asarray(positions_m, dtype=np.float64).reshape(-1, 2)
+        if pos.shape[0] != vals.size:
+            raise ValueError(f"positions shape {pos.shape} != ({vals.size}, 2)")
+        if vals.size == 0:
+            return 0
+        return self._add(pos, np.isfinite(vals), None, None, vals)
+
+    def _add(self, pos: np.ndarray, ok_data: np.ndarray, phase: np.ndarray | None,
+             amplitude: np.ndarray | None, values: np.ndarray | None) -> int:
+        """Accept or reject the patches (positions, data), make room and splat the accepted ones."""
+        n = pos.shape[0]
+        h, w = self.patch_shape
+        finite = np.isfinite(pos[:, 0]) & np.isfinite(pos[:, 1])
         bad_nan = ~(finite & ok_data)
         safe = np.where(finite[:, None], pos, 0.0)
         fy, fx, ay, ax = self._corners(safe)
@@ -520,36 +618,19 @@ class Stitcher:
             if self._noamp_seen:  # earlier patches had no amplitude
                 self.weight_amp = np.zeros_like(self.weight)
 
-        AH, AW = self.num_phase.shape
-        base = (fy - self._oy) * AW + (fx - self._ox)
-        off = self._offsets(AW)
-        flat_num = self.num_phase.reshape(-1)
-        flat_w = self.weight.reshape(-1)
-        flat_amp = None if amplitude is None or self.num_amp is None else self.num_amp.reshape(-1)
-        step = self.chunk if self.offset != "overlap" else min(self.chunk, self.overlap_chunk)
-        for k0 in range(0, n_ok, step):
-            k1 = min(k0 + step, n_ok)
-            rows = slice(k0, k1) if sel is None else sel[k0:k1]
-            m = k1 - k0
-            idx = self._buf("idx", (m, off.size), np.intp)
-            np.add(base[k0:k1, None], off[None, :], out=idx)
-            idx = idx.reshape(-1)
-            cay, cax = ay[k0:k1], ax[k0:k1]
-            P = self._prepare(phase[rows])
-            Q = self._bilinear_blocks(P, cay, cax)
-            Wb = self._weight_blocks(cay, cax)
-            if self.offset == "overlap":
-                self._reconcile(Q, Wb, idx)
-            np.add.at(flat_num, idx, Q.reshape(-1))
-            Wb = Wb.reshape(-1)
-            np.add.at(flat_w, idx, Wb)
-            if amplitude is not None and flat_amp is not None:
-                A = self._buf("P", (m,) + self.patch_shape)
-                np.multiply(amplitude[rows], self._win, out=A, casting="unsafe")
-                np.add.at(flat_amp, idx,
-                          self._bilinear_blocks(A, cay, cax).reshape(-1))
-                if self.weight_amp is not None:
-                    np.add.at(self.weight_amp.reshape(-1), idx, Wb)
+        rows = sel
+        ry = (fy - self._oy).tolist()
+        rx = (fx - self._ox).tolist()
+        for k0 in range(0, n_ok, self.chunk):
+            k1 = min(k0 + self.chunk, n_ok)
+            take = slice(k0, k1) if rows is None else rows[k0:k1]
+            self._splat_chunk(None if phase is None else phase[take],
+                              None if amplitude is None else amplitude[take],
+                              None if values is None else values[take],
+                              ay[k0:k1], ax[k0:k1], ry[k0:k1], rx[k0:k1])
+        for key, d in self._dirty.items():
+            self._dirty[key] = list(box) if d is None else [min(box[0], d[0]), max(box[1], d[1]),
+                                                            min(box[2], d[2]), max(box[3], d[3])]
         if amplitude is None:
             self._noamp_seen = True
 
@@ -629,7 +710,7 @@ class Stitcher:
         h, w = self.patch_shape
         if (self.offset == "overlap" and ry >= 0 and rx >= 0
                 and ry + h + 1 <= AH and rx + w + 1 <= AW):
-            self._reconcile(Q, Wb, ry * AW + rx + self._offsets(AW))
+            self._reconcile(Q, Wb, [ry], [rx])
         num = Q[0].copy()
         wt = Wb[0].copy()
         thr = self.min_weight * float(wt.max())

@@ -30,7 +30,8 @@ from ptychostream.pipeline.publish import Publisher
 from ptychostream.pipeline.queue import FrameQueue, QueuedFrame
 
 __all__ = ["Batcher", "OutputHealth", "RecentFrames", "NONFINITE_WINDOW", "NONFINITE_MINOR",
-           "NONFINITE_MAJOR", "STREAM_MEMORY_S", "STREAM_FRAMES", "NONFINITE_REASON"]
+           "NONFINITE_MAJOR", "STREAM_MEMORY_S", "STREAM_FRAMES", "NONFINITE_REASON", "LINGER_MIN_S",
+           "LINGER_MAX_S"]
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +42,13 @@ NONFINITE_MINOR = 0.1
 NONFINITE_MAJOR = 0.5
 #: the reason a frame with a NaN/inf output is rejected with
 NONFINITE_REASON = "non-finite output"
+#: how long the loop may wait for a full batch once a frame is queued (s), so that a fast stream is
+#: inferred in batches rather than a frame or two at a time, each paying a batch's fixed cost (model
+#: call, listeners, readbacks). The wait adapts: it doubles (up to LINGER_MAX_S) while frames keep
+#: coming during it and the batch still does not fill, and halves (down to LINGER_MIN_S) when none
+#: came, so a slow stream waits at most LINGER_MIN_S per frame.
+LINGER_MIN_S = 0.0002
+LINGER_MAX_S = 0.004
 #: "now streaming": the frames of the last STREAM_MEMORY_S seconds, at most the last STREAM_FRAMES
 STREAM_MEMORY_S = 10.0
 STREAM_FRAMES = 256
@@ -144,7 +152,8 @@ class RecentFrames:
             self._total = 0
 
 
-#: model, pre-processing, raw frames (n, H, W), model inputs (n, h, w), outputs -> (n,) or None
+#: model, pre-processing, raw frames (n, H, W), model inputs (n, h, w), outputs -> (n,) or None; the raw
+#: frames and the inputs are the loop's reused buffers: valid during the call only (copy what is kept)
 AfterInfer = Callable[[Model, Preprocess, np.ndarray, np.ndarray, dict[str, np.ndarray]], "np.ndarray | None"]
 
 
@@ -172,13 +181,20 @@ class Batcher(threading.Thread):
         self.rate = rate
         self.on_reject = on_reject
         self.batch_size = 64
+        #: the longest wait for a full batch (see :data:`LINGER_MAX_S`; 0: take whatever is queued at once)
+        self.linger_max_s = LINGER_MAX_S
+        self._linger = LINGER_MIN_S
+        #: the raw-frame stack and the model-input buffers, reused from batch to batch (a new array of
+        #: a few MB per batch is fresh mmapped pages, faulted in and unmapped again each time)
+        self._buffers: dict[str, np.ndarray] = {}
         self.model: Model | None = None
         self.preprocess: Preprocess | None = None
         self._next: tuple[Model | None, Preprocess] | None = None
         self._taken: list[threading.Event] = []
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
-        self._shape_ok: dict[tuple[int, ...], bool] = {}
+        #: raw frame shape -> the model-input frame shape it pre-processes into, None: it does not fit
+        self._shape_ok: dict[tuple[int, ...], tuple[int, ...] | None] = {}
         self.health = OutputHealth()
         self.on_health: Callable[[int, str], None] = lambda severity, text: None
         self.recent = RecentFrames()
@@ -240,9 +256,11 @@ class Batcher(threading.Thread):
             if self.model is None:
                 self._stop_event.wait(0.02)
                 continue
-            batch = self.queue.get_batch(self.batch_size, timeout=0.05)
+            linger = min(self._linger, self.linger_max_s)
+            batch = self.queue.get_batch(self.batch_size, timeout=0.05, linger=linger)
             if not batch:
                 continue
+            self._adapt_linger(len(batch), self.queue.lingered)
             # a swap or setting made before these frames were queued applies to them
             self._take_swap()
             if self.model is None:  # unloaded meanwhile: the frames wait for the next model
@@ -257,19 +275,40 @@ class Batcher(threading.Thread):
         if self.model is not None:
             self.model.close()
 
+    def _adapt_linger(self, n: int, came: int) -> None:
+        """Longer waits while a stream keeps coming during them, shorter when nothing came."""
+        if came > 0 and n < self.batch_size:
+            self._linger = min(self._linger * 2, LINGER_MAX_S)
+        elif came == 0:
+            self._linger = max(self._linger / 2, LINGER_MIN_S)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A reused C-contiguous (n, ...) array of ``dtype``: the first ``shape[0]`` rows of a buffer that
+        grows (doubling, up to the batch size) with the largest batch seen, and is replaced when the
+        frame shape or dtype changes."""
+        n = shape[0]
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:]:
+            buf = None
+        if buf is None or buf.shape[0] < n:
+            rows = max(n, min(2 * (0 if buf is None else buf.shape[0]), self.batch_size))
+            buf = self._buffers[name] = np.empty((rows, *shape[1:]), dtype=dtype)
+        return buf[:n]
+
     def streaming_frame(self) -> np.ndarray | None:
         """A recent real frame of the shape now streaming (see :class:`RecentFrames`), or None."""
         return self.recent.dominant()
 
     def _fits(self, model: Model, pre: Preprocess, shape: tuple[int, ...]) -> bool:
-        ok = self._shape_ok.get(shape)
-        if ok is None:
+        if shape not in self._shape_ok:
+            out: tuple[int, ...] | None = None
             try:
-                ok = len(shape) == 2 and tuple(pre.output_shape(shape)) == tuple(model.info.input_shape)
+                out = tuple(pre.output_shape(shape))
+                fits = len(shape) == 2 and out == tuple(model.info.input_shape)
             except ValueError:
-                ok = False
-            self._shape_ok[shape] = ok
-        return ok
+                fits = False
+            self._shape_ok[shape] = out if fits else None
+        return self._shape_ok[shape] is not None
 
     def _reject(self, n: int, reason: str) -> None:
         self.counters.add("rejected", n)
@@ -303,7 +342,9 @@ class Batcher(threading.Thread):
     def _infer(self, model: Model, pre: Preprocess, group: list[QueuedFrame]) -> None:
         """Infer and publish frames of one shape; NaN/inf inputs are rejected first, NaN/inf
         outputs after (not published, counted as ``nonfinite`` too)."""
-        raw = np.stack([q.frame.array for q in group])
+        shape = group[0].frame.array.shape
+        dtype = np.result_type(*{q.frame.array.dtype for q in group})  # one dtype, or what holds them all
+        raw = np.stack([q.frame.array for q in group], out=self._buffer("raw", (len(group), *shape), dtype))
         if raw.dtype.kind == "f":
             finite = finite_mask(raw)
             if not finite.all():
@@ -313,7 +354,8 @@ class Batcher(threading.Thread):
                 if not group:
                     return
         try:
-            inputs = pre.apply(raw)
+            in_shape = self._shape_ok.get(shape) or tuple(pre.output_shape(shape))
+            inputs = pre.apply(raw, out=self._buffer("input", (len(raw), *in_shape), np.dtype(np.float32)))
             outputs = model.infer(inputs)
         except Exception as exc:  # a failing batch is counted, the loop goes on
             _log.exception("inference failed")

@@ -32,6 +32,10 @@ class FrameQueue:
         self.policy = policy
         self.dropped = 0
         self.inflight = 0
+        #: how many queued frames wake the consumer (1: the first; a lingering get_batch: a full batch)
+        self._want = 1
+        #: frames that came during the last get_batch's linger (-1: it did not linger)
+        self.lingered = -1
 
     def set_limit(self, limit: int) -> int:
         """Change the capacity; frames already queued above it are kept (they drain)."""
@@ -58,14 +62,34 @@ class FrameQueue:
                     return False
                 self._items.popleft()
             self._items.append(item)
-            self._cond.notify()
+            if len(self._items) >= self._want:
+                self._cond.notify()
         return True
 
-    def get_batch(self, max_n: int, timeout: float = 0.1) -> list[QueuedFrame]:
-        """Take up to ``max_n`` frames (waits up to ``timeout`` for the first). Marks them in flight."""
+    def get_batch(self, max_n: int, timeout: float = 0.1, linger: float = 0.0) -> list[QueuedFrame]:
+        """Take up to ``max_n`` frames (waits up to ``timeout`` for the first). Marks them in flight.
+
+        ``linger`` > 0: once there is a frame but fewer than ``max_n``, wait up to ``linger`` s more
+        for a full batch (woken once, when it is full), so a fast stream is taken in batches rather
+        than a frame or two at a time, each paying a whole batch's fixed cost.
+        """
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
+            self.lingered = -1
+            if linger > 0 and 0 < len(self._items) < max_n:
+                deadline = time.monotonic() + linger
+                before = len(self._items)
+                self._want = max_n
+                try:
+                    while len(self._items) < max_n:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                finally:
+                    self._want = 1
+                    self.lingered = len(self._items) - before
             n = min(max_n, len(self._items))
             batch = [self._items.popleft() for _ in range(n)]
             self.inflight += n

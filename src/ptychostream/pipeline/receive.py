@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -77,7 +78,9 @@ class GapCounter:
         self.last_restart: tuple[int, int] | None = None
         #: the last uniqueId that was not a frame count
         self.last_noid: int | None = None
-        self._gaps: dict[int, None] = {}  # an ordered set, oldest first
+        #: an ordered set, oldest first (OrderedDict: taking the oldest is O(1); a dict's first key is
+        #: found by scanning past every entry deleted before it)
+        self._gaps: OrderedDict[int, None] = OrderedDict()
         self._early: set[int] = set()
         self._lock = threading.Lock()
 
@@ -101,8 +104,12 @@ class GapCounter:
             gap = uid - high - 1
             if gap:
                 self._gaps.update(dict.fromkeys(range(max(high + 1, uid - self.window), uid)))
-            self.high = uid
-            self._prune()
+                self.high = uid
+                self._prune()
+            else:
+                self.high = uid
+                if self._gaps:
+                    self._prune()
             missed = gap + (0 if received else 1)
             return {"missed": missed} if missed else None
         if uid in self._gaps:
@@ -132,7 +139,7 @@ class GapCounter:
             first = next(iter(gaps))
             if first >= oldest:
                 break
-            del gaps[first]
+            gaps.popitem(last=False)
 
     def join(self, uid: int, rejoin: bool = False) -> None:
         """The first update after a monitor connects: the channel's current value, not a new frame.
@@ -177,6 +184,8 @@ class Receiver:
         self.on_stale: Callable[[int, bool], None] = lambda uid, rejoin: None
         self._fresh = True
         self._joined = False
+        #: connected as far as ``on_connect`` was told (it is told on a change, not on every frame)
+        self._connected = False
         self._ctx: Context | None = None
         self._sub = None
         self._lock = threading.Lock()
@@ -196,6 +205,7 @@ class Receiver:
             self.channel = channel
             self._fresh = True
             self._joined = False
+            self._connected = False
             self._on_connect(False, f"monitoring {channel}" if channel else "no input channel")
             if channel:
                 self._sub = self._context().monitor(
@@ -203,6 +213,21 @@ class Receiver:
                 )
 
     def _callback(self, value) -> None:
+        if not isinstance(value, Exception):  # a frame (the hot path): as little as possible per update
+            if not self._connected or self._fresh:
+                self._first(value)
+                return
+            try:
+                frame = ntnd.decode(value, received=time.time())
+            except ntnd.FrameError as exc:
+                self._on_bad(str(exc))
+                return
+            except Exception as exc:  # not an NTNDArray at all (a field missing)
+                self._on_bad(f"{self.channel} is not an NTNDArray ({value.getID()}: {exc!r})")
+                return
+            self._on_frame(frame)
+            return
+        self._connected = False
         if isinstance(value, Disconnected):
             self._fresh = True
             self._on_connect(False, f"{self.channel} disconnected")
@@ -213,12 +238,14 @@ class Receiver:
         if isinstance(value, RemoteError):
             self._on_connect(False, f"{self.channel}: {value}")
             return
-        if isinstance(value, Exception):
-            self._on_connect(False, f"{self.channel}: {value!r}")
-            return
+        self._on_connect(False, f"{self.channel}: {value!r}")
+
+    def _first(self, value) -> None:
+        """An update while not known to be connected, or the first after (re)connecting."""
         if value.getID() != "epics:nt/NTNDArray:1.0" and "dimension" not in value:
             self._on_bad(f"{self.channel} is not an NTNDArray ({value.getID()})")
             return
+        self._connected = True
         self._on_connect(True, "")
         if self._fresh:
             # the first update after (re)connecting is the PV's current value: the last frame of an

@@ -22,6 +22,10 @@ matched by time stamp (:meth:`Recorder.add_motor`, with the stitch stage's match
 trajectory by frame number.  A position that arrives after its frame's row was written (a late
 table chunk, a motor sample that brackets the frame later) is written into that row then (SWMR
 lets existing rows change) and is on disk from the next flush on.
+
+Consistency.  Every row holds the frame's physics-consistency figure (``consistency``, the
+Poisson deviance per pixel of :mod:`ptychostream.model.consistency`), NaN for a frame that was not
+sampled (``ConsistencyShare``) or when no probe is known.
 """
 
 from __future__ import annotations
@@ -195,11 +199,20 @@ class Recorder:
         out.update({f"{DATA}/unique_id": np.array([fr.unique_id for fr in r.frames], np.int64),
                     f"{DATA}/timestamp": np.array([fr.timestamp for fr in r.frames], np.float64),
                     f"{DATA}/latency_ms": (np.asarray(r.latency_s) * 1e3).astype(np.float32),
+                    f"{DATA}/consistency": self._consistency(r),
                     f"{DATA}/position_x_m": yx[:, 1], f"{DATA}/position_y_m": yx[:, 0],
                     f"{DATA}/position_source": np.full(len(r.frames), POSITION_SOURCES.index(self._source), np.uint8)})
         if self.frames:
             out[f"{DETECTOR}/data"] = np.stack([fr.array for fr in r.frames])
         return out
+
+    @staticmethod
+    def _consistency(r: BatchResult) -> np.ndarray:
+        """The per-frame physics-consistency figure (Poisson deviance per pixel), NaN where not computed."""
+        n = len(r.frames)
+        if r.consistency is None:
+            return np.full(n, np.nan, np.float32)
+        return np.asarray(r.consistency, np.float32).reshape(n)
 
     def _open_swmr(self, r: BatchResult, arrays: dict[str, np.ndarray]) -> None:
         """Lay the record out for the first batch in a sibling file, start SWMR, rename it over the record."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from ptychostream.core.device import DeviceState
 from ptychostream.core.frames import BatchResult, ImageFrame
+from ptychostream.mosaic.display import DisplayView
 from ptychostream.mosaic.positions import (
     PatternPositions,
     PositionJoiner,
@@ -53,6 +54,8 @@ class MosaicSettings:
     scale: float = 1.0
     pixel_m: float = 0.0
     rate_hz: float = 5.0
+    #: longest side of the published images (the mosaic is binned to fit); 0: the full canvas
+    display_size: int = 1024
     offset: str = "mean"
     extent_m: tuple[float, float, float, float] | None = None
     timeout_s: float = 10.0
@@ -66,6 +69,8 @@ class _Patch:
     amplitude: np.ndarray | None
     t: float
     pixel_m: float | None
+    #: the frame's physics-consistency figure (NaN: not sampled)
+    consistency: float = float("nan")
 
 
 class MosaicStage(threading.Thread):
@@ -89,6 +94,10 @@ class MosaicStage(threading.Thread):
         self.motors = TimestampMatcher(tolerance_s=0.02)
         self._motor_xy = [np.nan, np.nan]
         self.stitcher: Stitcher | None = None
+        #: the consistency figures stitched like the mosaic (made at the first sampled frame)
+        self.consistency: Stitcher | None = None
+        self.view = DisplayView(self.settings.display_size)
+        self.consistency_view = DisplayView(self.settings.display_size, nan_outside=True)
         self.lost = 0
         self.unpositioned = 0
         self.stitch_rejects = 0
@@ -100,6 +109,8 @@ class MosaicStage(threading.Thread):
         self._errors_seen: tuple[str, str] = ("", "")
         self._stop_event = threading.Event()
         self._told_no_pixel = False
+        if "MosaicBinning_RBV" in device.db:
+            device.set("MosaicBinning_RBV", 1)
 
     # -- any thread ---------------------------------------------------------------
     def on_result(self, result: BatchResult) -> None:
@@ -119,7 +130,7 @@ class MosaicStage(threading.Thread):
         if not full:
             light = BatchResult([ImageFrame(_NO_PIXELS, f.unique_id, f.timestamp, f.data_timestamp, f.attributes)
                                  for f in result.frames], result.outputs, result.latency_s, result.model_id,
-                                result.pixel_m)
+                                result.pixel_m, result.consistency)
             try:
                 self.inbox.put_nowait(("batch", light, size))
                 return
@@ -231,12 +242,16 @@ class MosaicStage(threading.Thread):
             setattr(old, key, value)
         self.joiner.timeout_s = old.timeout_s
         self._told_no_pixel = False
+        if "display_size" in changes:
+            self.view.max_side = self.consistency_view.max_side = int(old.display_size)
+            self._dirty = True
         if {"pixel_m", "extent_m", "offset"} & set(changes) and self.stitcher is not None:
             self._reset()
             self.message("mosaic geometry changed: mosaic cleared", 0)
 
     def _reset(self) -> None:
         self.stitcher = None
+        self.consistency = None
         self.joiner.reset()
         self._motor_wait.clear()
         self._latest = None
@@ -271,7 +286,9 @@ class MosaicStage(threading.Thread):
         if phase is None:
             return []
         amp = result.outputs.get("amplitude")
-        items = [_Patch(phase[i], None if amp is None else amp[i], f.timestamp, result.pixel_m)
+        figure = result.consistency
+        items = [_Patch(phase[i], None if amp is None else amp[i], f.timestamp, result.pixel_m,
+                        float("nan") if figure is None else float(figure[i]))
                  for i, f in enumerate(result.frames)]
         uids = [f.unique_id for f in result.frames]
         positions = self._frame_positions(result)
@@ -346,14 +363,28 @@ class MosaicStage(threading.Thread):
         if self.stitcher is None or self.stitcher.patch_shape != shape or self.stitcher.pixel_m != pixel:
             self.stitcher = Stitcher(pixel, shape, extent_m=st.extent_m, offset=st.offset,
                                      max_canvas_px=8192)
+            self.consistency = None
         phase = np.stack([p.phase for _, p, _ in ready])
         amps = [p.amplitude for _, p, _ in ready if p.amplitude is not None]
         amp = np.stack(amps) if len(amps) == len(ready) else None
         pos = np.array([q for _, _, q in ready], dtype=np.float64)
         accepted = self.stitcher.add(phase, pos, amp)
         self.stitch_rejects += len(ready) - accepted
+        self._stitch_consistency(np.array([p.consistency for _, p, _ in ready], dtype=np.float32), pos)
         self._latest = (ready[-1][1], ready[-1][2])
         self._dirty = True
+
+    def _stitch_consistency(self, figure: np.ndarray, pos: np.ndarray) -> None:
+        """Spread each sampled frame's figure over its patch window (weight-averaged where patches
+        overlap), on a canvas of the mosaic's geometry; frames not sampled (NaN) add nothing."""
+        sampled = np.isfinite(figure)
+        if not sampled.any() or self.stitcher is None:
+            return
+        mosaic = self.stitcher
+        if self.consistency is None:
+            self.consistency = Stitcher(mosaic.pixel_m, mosaic.patch_shape, extent_m=self.settings.extent_m,
+                                        window=mosaic.window, offset="none", max_canvas_px=mosaic.max_canvas_px)
+        self.consistency.add_values(figure[sampled], pos[sampled])
 
     def publish(self) -> None:
         """Post the mosaic images (at most MosaicRate per second)."""
@@ -361,13 +392,16 @@ class MosaicStage(threading.Thread):
         self._next_publish = time.monotonic() + 1.0 / max(self.settings.rate_hz, 0.1)
         if self.stitcher is None or self.stitcher.n_patches == 0:
             return
-        m: MosaicImage = self.stitcher.mosaic(reuse=True)
+        # display-sized images, updated where patches landed: the cost follows DisplaySize, not the canvas
+        m: MosaicImage = self.view.image(self.stitcher)
         self._count += 1
         now = time.time()
         oy, ox = m.origin_m
         attrs = {"PixelSizeX": m.pixel_m, "PixelSizeY": m.pixel_m, "OriginX": ox, "OriginY": oy,
-                 "Patches": m.n_patches, "Units": "m"}
+                 "Patches": m.n_patches, "Units": "m", "Binning": m.binning}
         d = self.device
+        if "MosaicBinning_RBV" in d.db:  # before the images, so that a client seeing one reads its binning
+            d.set("MosaicBinning_RBV", m.binning)
         d.post_image("Mosaic", ImageFrame(m.phase, self._count, now, now, attrs))
         if m.amplitude is not None:
             d.post_image("MosaicAmplitude", ImageFrame(m.amplitude, self._count, now, now, attrs))
@@ -375,13 +409,19 @@ class MosaicStage(threading.Thread):
         if self._latest is not None:
             patch, pos = self._latest
             try:
-                light = self.stitcher.flashlight(patch.phase, pos)
+                light = self.view.flashlight(self.stitcher, patch.phase, pos)
                 d.post_image("Flashlight", ImageFrame(light, self._count, now, now, attrs))
             except ValueError:
                 pass
-        ymin, ymax, xmin, xmax = m.extent_m
+        if self.consistency is not None and "ConsistencyMap" in d.db:
+            c = self.consistency_view.image(self.consistency, box=self.stitcher.exposed_box)
+            d.post_image("ConsistencyMap", ImageFrame(c.phase, self._count, now, now, attrs))
+        st = self.stitcher
+        y0, y1, x0, x1 = st.exposed_box
+        ymin, ymax, xmin, xmax = (y0 * st.pixel_m, (y1 - 1) * st.pixel_m, x0 * st.pixel_m, (x1 - 1) * st.pixel_m)
+        shown = f", shown {m.shape[1]}x{m.shape[0]}" if m.binning > 1 else ""
         d.set("MosaicExtent_RBV", f"x {xmin * 1e6:.3f}..{xmax * 1e6:.3f} um, y {ymin * 1e6:.3f}..{ymax * 1e6:.3f} um "
-                                  f"({m.phase.shape[1]}x{m.phase.shape[0]} px)")
+                                  f"({x1 - x0}x{y1 - y0} px{shown})")
         d.set("MosaicCoverage_RBV", round(100.0 * float(m.mask.mean()), 1))
 
     def _settle(self) -> None:

@@ -101,31 +101,33 @@ def _decompress(value: Value, codec: str) -> np.ndarray:
 
 
 def decode(value: Value, received: float | None = None) -> ImageFrame:
-    """Unpack an NTNDArray Value into an ImageFrame with a 2-D array (raises FrameError)."""
-    codec = value["codec.name"] or ""
+    """Unpack an NTNDArray Value into an ImageFrame with a 2-D array (raises FrameError).
+
+    On the receive path: every field is read once, by its full name (``timeStamp.nanoseconds``
+    is one lookup, ``timeStamp`` builds a structure first).
+    """
+    codec = value["codec.name"]
     if codec:
         flat = _decompress(value, codec)
     else:
         flat = value["value"]
-        if flat is None or np.size(flat) == 0:  # a put's empty union arrives as no elements of the PV's type
+        if flat is None:  # a put's empty union arrives as no elements of the PV's type
             raise FrameError("frame has no data (empty value union, or no elements)")
         flat = np.asarray(flat)
-    dims = [int(d["size"]) for d in value["dimension"]]
+        if not flat.size:
+            raise FrameError("frame has no data (empty value union, or no elements)")
+    dims = value["dimension"]
     if len(dims) != 2:
-        raise FrameError(f"expected a 2-D mono frame, got {len(dims)} dimensions {dims}")
-    w, h = dims
+        raise FrameError(f"expected a 2-D mono frame, got {len(dims)} dimensions {[int(d['size']) for d in dims]}")
+    w, h = int(dims[0]["size"]), int(dims[1]["size"])
     if w * h != flat.size:
         raise FrameError(f"dimension {w}x{h} does not match {flat.size} elements")
-    attrs: dict[str, Any] = {}
-    for elem in value["attribute"]:
-        attrs[elem["name"]] = elem["value"]
-    ts = value["timeStamp"]
-    dts = value["dataTimeStamp"]
-    t = ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9
+    attrs: dict[str, Any] = {elem["name"]: elem["value"] for elem in value["attribute"]}
+    t = value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9
     return ImageFrame(
-        array=flat.reshape(h, w),
-        unique_id=int(value["uniqueId"]),
-        timestamp=t if t > 0 else (received or time.time()),
-        data_timestamp=dts["secondsPastEpoch"] + dts["nanoseconds"] * 1e-9,
-        attributes=attrs,
+        flat.reshape(h, w),
+        int(value["uniqueId"]),
+        t if t > 0 else (received or time.time()),
+        value["dataTimeStamp.secondsPastEpoch"] + value["dataTimeStamp.nanoseconds"] * 1e-9,
+        attrs,
     )

@@ -41,7 +41,7 @@ TOGGLES = frozenset({"Enable", "cam1:Acquire", "Capture"})
 #: images shown first (and largest) on the screens, when present in db/
 MAIN_IMAGES = ("Phase", "Mosaic", "Flashlight", "Pva1:Image")
 #: groups placed in the middle column of a Phoebus screen (live status), when present
-STATUS_GROUPS = ("Status", "Acquisition")
+STATUS_GROUPS = ("Status", "Consistency", "Acquisition")
 
 # Phoebus geometry (pixels)
 _ROW_H, _PITCH = 22, 26

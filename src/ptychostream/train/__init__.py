@@ -30,6 +30,12 @@ a rich progress bar, resumable checkpoints (``--checkpoint DIR``) and ``--device
 the error's finite differences (``--grad-weight``) for sharper edges, and ``--init MODEL.onnx``
 to continue from an exported model (the seed's retraining after each scan).
 
+**Physics-informed (unsupervised) training** (``--scan FILE --physics-weight W``, :mod:`.physics`): the
+predicted patch times the scan's known probe (every mode) → FFT → |·|² in the network's input geometry,
+scaled to each frame's count, and the Poisson deviance of the measured counts; ``--overlap-weight``
+adds the agreement of neighbouring patches where they overlap.  With ``--supervised-weight 0`` the
+scan's frames alone train the network (no labels); otherwise they are mixed into the batches.
+
 The export has a dynamic batch dimension (opset 17), the pre-processing (``Preprocess``) and
 the rest of the metadata ``ptychostream.*`` (see :mod:`ptychostream.model.info`), is checked against
 torch with onnxruntime (1e-4) and with ``open_model(...).selftest()``, and is written to a

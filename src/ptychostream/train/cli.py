@@ -57,6 +57,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed, device=args.device, threads=args.threads, checkpoint=args.checkpoint,
         time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
         budget_s=None if args.budget is None else 60.0 * args.budget, name=args.name,
+        scan=args.scan, supervised_weight=args.supervised_weight, physics_weight=args.physics_weight,
+        overlap_weight=args.overlap_weight, frames_share=args.frames_share, scan_heldout=args.scan_heldout,
+        scan_side=args.scan_side, physics_group=args.physics_group, budget_clock=args.budget_clock,
+        physics_context=args.physics_context, context_every=args.context_every,
     )
 
 
@@ -107,7 +111,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
             "  ptychostream train edge2.onnx --init edge.onnx --crop 64 --budget 60 --precision bf16 --grad-weight 0.5\n"
             "                                 # continue from it (the shipped model's last stage: models/README.md)\n"
             "  ptychostream train m.onnx --data pairs.npz --heads phase --output-size 128 --epochs 50\n"
-            "  ptychostream train m.onnx --data product.h5 --frames scan.h5 --device cuda\n\n"
+            "  ptychostream train m.onnx --data product.h5 --frames scan.h5 --device cuda\n"
+            "  ptychostream train u.onnx --init edge.onnx --crop 64 --output-size 64 --scan scan.cxi \\\n"
+            "      --supervised-weight 0 --physics-weight 1 --overlap-weight 1 --budget 8\n"
+            "                                 # unsupervised fine-tune on a scan's frames alone (known probe)\n\n"
             "Errors in the input (empty or mismatched files, wrong keys, NaN labels, unwritable output)\n"
             "are reported in one line and exit with status 2; an existing OUTPUT is left as it was."))
     p.add_argument("output", help="the ONNX file to write (replaced atomically when the export passes its checks)")
@@ -169,7 +176,36 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--budget", type=float, metavar="MIN",
                    help="train for MIN minutes (the last one for evaluation and export) with the one-cycle "
                         "schedule run on the clock, so the run fills the time on any machine; replaces --epochs")
+    g.add_argument("--budget-clock", default=d.budget_clock, choices=("wall", "cpu"),
+                   help="what --budget counts: wall minutes (default) or this process's CPU minutes (all "
+                        "threads; steady on a shared machine)")
     g.add_argument("--name", help="model name in the metadata (default: the file stem)")
+    g = p.add_argument_group("physics-informed loss (frames alone, the known probe)")
+    g.add_argument("--scan", metavar="FILE",
+                   help="a scan (CXI, NPZ, record, ...) whose frames the physics loss explains: predicted patch x "
+                        "probe -> FFT -> |.|^2 in the network's input geometry, scaled to each frame's count, "
+                        "Poisson deviance of the counts; its probe unless --probe names a file")
+    g.add_argument("--physics-weight", type=float, default=d.physics_weight,
+                   help="weight of the Poisson deviance (default 0: off)")
+    g.add_argument("--overlap-weight", type=float, default=d.overlap_weight,
+                   help="weight of the overlap term: neighbouring patches of the scan agree where they overlap "
+                        "(default 0)")
+    g.add_argument("--supervised-weight", type=float, default=d.supervised_weight,
+                   help="weight of the supervised loss (default 1; 0: unsupervised, the scan's frames alone)")
+    g.add_argument("--frames-share", type=float, default=d.frames_share,
+                   help="share of each batch from the scan's frames when the supervised loss is on (default 0.5)")
+    g.add_argument("--scan-heldout", type=float, default=d.scan_heldout,
+                   help="hold out this fraction of the scanned extent (a region, never trained on; default 0)")
+    g.add_argument("--scan-side", default=d.scan_side, choices=("right", "left", "top", "bottom"),
+                   help="where --scan-heldout lies (default right)")
+    g.add_argument("--physics-context", default=d.physics_context, choices=("border", "mosaic"),
+                   help="the object outside the predicted patch, which the probe lights a little: the patch's mean "
+                        "border value (default), or the network's own patches of the scan stitched into one "
+                        "object (refreshed every --context-every steps)")
+    g.add_argument("--context-every", type=int, default=d.context_every,
+                   help="steps between refreshes of the mosaic surround (default 50)")
+    g.add_argument("--physics-group", type=int, default=d.physics_group,
+                   help="neighbouring frames per group in a batch, for the overlap term (default 4)")
     p.add_argument("--eval-demo", action="store_true",
                    help="after export, score the model on the demo scan (digits, 1000 points, 100 nm)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -92,12 +92,36 @@ class TrainConfig:
     budget_reserve_s: float = 60.0
     #: the mosaic offset the model asks the live stitcher for (``ptychostream.stitch``)
     stitch_offset: str = "overlap"
+    #: what ``budget_s`` counts: ``wall`` seconds, or ``cpu`` seconds of this process (all its threads)
+    budget_clock: str = "wall"
+    # physics-informed loss (train/physics.py): weights of the supervised L1, the Poisson deviance of the
+    # measured frames under the known probe, and the overlap agreement of neighbouring patches
+    supervised_weight: float = 1.0
+    physics_weight: float = 0.0
+    overlap_weight: float = 0.0
+    #: the scan whose frames (no labels) feed the physics loss; its probe unless ``probe`` is a file
+    scan: str | None = None
+    #: share of each batch taken from the scan's frames when the supervised loss is on too
+    frames_share: float = 0.5
+    #: frames of the scan held out (a spatial region, as adapt's): never used by the physics loss
+    scan_heldout: float = 0.0
+    scan_side: str = "right"
+    #: neighbouring frames per group in a physics batch (pairs for the overlap term)
+    physics_group: int = 4
+    #: the object outside the predicted patch: ``border`` (the patch's mean border value) or ``mosaic`` (the
+    #: network's own patches of the scan stitched, refreshed every ``context_every`` steps)
+    physics_context: str = "border"
+    context_every: int = 50
+
+    def uses_physics(self) -> bool:
+        """Whether the physics loss (or its overlap term) is on."""
+        return self.physics_weight > 0 or self.overlap_weight > 0
 
     def key(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed (not output/device/limits)."""
         d = asdict(self)
         for k in ("output", "device", "threads", "checkpoint", "time_limit_s", "budget_s", "name", "epochs",
-                  "precision", "budget_reserve_s", "stitch_offset"):
+                  "precision", "budget_reserve_s", "stitch_offset", "budget_clock"):
             d.pop(k)
         return json.loads(json.dumps(d))
 

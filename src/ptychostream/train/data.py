@@ -22,7 +22,7 @@ from ptychostream.train.config import (
     crop_centre,
 )
 
-__all__ = ["Batch", "SimSource", "ArraySource", "load_pairs", "resample_patches", "fit_labels", "targets"]
+__all__ = ["Batch", "concat_batches", "SimSource", "ArraySource", "load_pairs", "resample_patches", "fit_labels", "targets"]
 
 
 @dataclass
@@ -30,6 +30,55 @@ class Batch:
     x: np.ndarray  # (n, 1, S, S) float32, pre-processed
     phase: np.ndarray  # (n, 1, o, o) float32, mean removed
     amplitude: np.ndarray | None  # (n, 1, o, o) float32
+    #: (n,) bool: the rows whose phase/amplitude are labels (None: all); the others are frames alone
+    labelled: np.ndarray | None = None
+    #: (n, h, w) float32 measured counts in the network's input geometry, for the physics loss (None: none)
+    counts: np.ndarray | None = None
+    #: (n, 2) scan positions in metres (y, x), NaN where unknown, for the overlap term (None: none)
+    positions_m: np.ndarray | None = None
+    #: (n, S, S) complex64 estimate of the object around each frame's patch (NaN rows: none), for the
+    #: physics loss's surround
+    context: np.ndarray | None = None
+
+    def rows(self, sl: slice) -> Batch:
+        """The batch of rows ``sl``."""
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[sl]
+
+        return Batch(self.x[sl], self.phase[sl], cut(self.amplitude), cut(self.labelled), cut(self.counts),
+                     cut(self.positions_m), cut(self.context))
+
+
+def concat_batches(parts: Sequence[Batch]) -> Batch:
+    """Batches joined row-wise; a field some parts lack is filled (unlabelled rows, zero counts with no
+    physics term, NaN positions), amplitudes are dropped unless every part has them."""
+    if len(parts) == 1:
+        return parts[0]
+    lens = [len(p.x) for p in parts]
+    labelled = None
+    if any(p.labelled is not None for p in parts):
+        labelled = np.concatenate([np.ones(k, dtype=bool) if p.labelled is None else p.labelled
+                                   for p, k in zip(parts, lens)])
+    counts = None
+    have = [p.counts for p in parts if p.counts is not None]
+    if have:
+        shape = have[0].shape[1:]
+        counts = np.concatenate([np.full((k, *shape), np.nan, dtype=np.float32) if p.counts is None else p.counts
+                                 for p, k in zip(parts, lens)])
+    pos = None
+    if any(p.positions_m is not None for p in parts):
+        pos = np.concatenate([np.full((k, 2), np.nan) if p.positions_m is None else p.positions_m
+                              for p, k in zip(parts, lens)])
+    context = None
+    have_ctx = [p.context for p in parts if p.context is not None]
+    if have_ctx:
+        shape = have_ctx[0].shape[1:]
+        context = np.concatenate([np.full((k, *shape), np.nan, dtype=np.complex64) if p.context is None
+                                  else p.context for p, k in zip(parts, lens)])
+    amps = [p.amplitude for p in parts if p.amplitude is not None]
+    amp = np.concatenate(amps) if len(amps) == len(parts) else None
+    return Batch(np.concatenate([p.x for p in parts]), np.concatenate([p.phase for p in parts]), amp,
+                 labelled, counts, pos, context)
 
 
 def targets(patches_phase: np.ndarray, patches_amp: np.ndarray | None, out: int,

@@ -70,7 +70,30 @@ def _resolve_probe(cfg: TrainConfig, geometry: Any) -> tuple[np.ndarray, str]:
 
 
 def make_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
-    """The data source and the facts the export needs (pre-processing, pixel, probe id, sizes)."""
+    """The data source and the facts the export needs (pre-processing, pixel, probe id, sizes).
+
+    With the physics loss (``cfg.scan`` and a physics or overlap weight) the scan's frames join the
+    labelled data, or are the only data when the supervised weight is 0 (``facts["physics"]`` is the loss).
+    """
+    if cfg.scan is None:
+        if cfg.uses_physics():
+            raise TrainError("--physics-weight/--overlap-weight need --scan FILE: the measured frames (and probe) "
+                             "the physics loss explains")
+        return _labelled_source(cfg)
+    if not cfg.uses_physics():
+        raise TrainError("--scan feeds the physics loss: set --physics-weight (and/or --overlap-weight) above 0")
+    from ptychostream.train.physics import check_weights, scan_physics_source
+
+    check_weights(cfg)
+    if cfg.supervised_weight == 0:
+        pre = Preprocess(scale=cfg.scale, normalise=cfg.normalise, crop_size=cfg.crop, bin=int(cfg.bin))
+        return scan_physics_source(cfg, pre, cfg.output_size)
+    labelled = _labelled_source(cfg)
+    return scan_physics_source(cfg, labelled[1]["pre"], labelled[1]["out"], labelled=labelled)
+
+
+def _labelled_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """The labelled data of ``cfg.data``: simulated pairs or pairs from files."""
     from ptychostream.sim.forward import Geometry
 
     pre = Preprocess(scale=cfg.scale, normalise=cfg.normalise, crop_size=cfg.crop, bin=int(cfg.bin))
@@ -188,7 +211,7 @@ def _save_checkpoint(torch: Any, folder: Path, state: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
-def _check_init(init: str, facts: dict[str, Any], retarget: bool = False) -> ModelInfo:
+def _check_init(init: str, facts: dict[str, Any], retarget: bool = False, check_pixel: bool = True) -> ModelInfo:
     """The --init model must take the same input as this run (pre-processing, pixel); returns its ModelInfo.
 
     With ``retarget`` only the network input size must agree: the model is moved to another instrument.
@@ -210,7 +233,7 @@ def _check_init(init: str, facts: dict[str, Any], retarget: bool = False) -> Mod
     if bad:
         raise TrainError(f"--init {init}: its pre-processing differs: {'; '.join(bad)}; pass the options "
                          "it was trained with (--crop, --bin, --scale, --normalise)")
-    if info.pixel_m and facts["pixel_m"] and abs(info.pixel_m / facts["pixel_m"] - 1) > 1e-3:
+    if check_pixel and info.pixel_m and facts["pixel_m"] and abs(info.pixel_m / facts["pixel_m"] - 1) > 1e-3:
         raise TrainError(f"--init {init}: its object pixel is {info.pixel_m:.4g} m, this run's is "
                          f"{facts['pixel_m']:.4g} m")
     return info
@@ -248,6 +271,47 @@ def _loss(torch: Any, outs: tuple, batch: Any, heads: Sequence[str], weight: Any
             term = term + grad_weight * (gy.sum(dim=(-2, -1)) + gx.sum(dim=(-2, -1))).mean() / (2 * wsum)
         total = total + (term if head == "phase" else amp_weight * term)
     return total, parts
+
+
+def _step_loss(torch: Any, cfg: TrainConfig, physics: Any, outs: tuple, b: dict[str, Any], heads: Sequence[str],
+               weight: Any, grad_weight: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    """The weighted sum of the supervised loss (labelled rows), the Poisson deviance and the overlap term
+    (rows with measured counts); (total, parts)."""
+    total: Any = 0.0
+    parts: dict[str, Any] = {}
+    lab = b.get("labelled")
+    if cfg.supervised_weight > 0 and (lab is None or bool(lab.any())):
+        sel = outs if lab is None else tuple(o[lab] for o in outs)
+        tb = b if lab is None else {k: b[k][lab] for k in ("phase", "amplitude") if k in b}
+        sup, parts = _loss(torch, sel, tb, heads, weight, cfg.amp_weight, grad_weight)
+        total = cfg.supervised_weight * sup
+    if physics is not None and "counts" in b:
+        rows = b["measured"]
+        if bool(rows.any()):
+            patches = physics.patches(tuple(o[rows] for o in outs), tuple(heads))
+            if cfg.physics_weight > 0:
+                ctx = b["context"][rows] if "context" in b else None
+                parts["poisson"] = physics.deviance(patches, b["counts"][rows], context=ctx)
+                total = total + cfg.physics_weight * parts["poisson"]
+            if cfg.overlap_weight > 0 and "positions_m" in b:
+                parts["overlap"] = physics.overlap(patches, b["positions_m"][rows])
+                total = total + cfg.overlap_weight * parts["overlap"]
+    return total, parts
+
+
+def _describe_loss(cfg: TrainConfig, heads: Sequence[str], physics: Any) -> str:
+    """The loss of a run in words (recorded in the model's training summary)."""
+    words = []
+    if physics is None or cfg.supervised_weight > 0:
+        sup = "L1, probe-weighted" + (f", + {cfg.grad_weight:g} x L1 of the gradient error" if cfg.grad_weight
+                                      else "") + (f", + {cfg.amp_weight:g} x amplitude" if "amplitude" in heads
+                                                  else "")
+        words.append(sup if physics is None else f"{cfg.supervised_weight:g} x ({sup})")
+    if physics is not None and cfg.physics_weight > 0:
+        words.append(f"{cfg.physics_weight:g} x Poisson deviance of the measured frames under the known probe")
+    if physics is not None and cfg.overlap_weight > 0:
+        words.append(f"{cfg.overlap_weight:g} x overlap agreement of neighbouring patches")
+    return " + ".join(words)
 
 
 def warm_start(net: Any, path: str | Path, x: Any) -> float:
@@ -369,7 +433,14 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     src, facts = source if source is not None else make_source(cfg)
     out = facts["out"]
-    parent = _check_init(cfg.init, facts, cfg.retarget) if cfg.init else None
+    physics = facts.get("physics")
+    if physics is not None and source is not None:
+        from ptychostream.train.physics import check_weights
+
+        check_weights(cfg)
+    frames_only = physics is not None and cfg.supervised_weight == 0
+    # a run on a scan's frames alone takes the scan's object pixel (the model is moved to its instrument)
+    parent = _check_init(cfg.init, facts, cfg.retarget, check_pixel=not frames_only) if cfg.init else None
     # channels-last convolutions run about 1.7x faster on CPUs (oneDNN) and suit tensor cores
     try:
         net = build_net(facts["input"], cfg.base_channels, cfg.depth, heads, out)
@@ -425,6 +496,15 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
              "phase": torch.from_numpy(b.phase).to(device)}
         if b.amplitude is not None:
             d["amplitude"] = torch.from_numpy(b.amplitude).to(device)
+        if b.labelled is not None:
+            d["labelled"] = torch.from_numpy(np.asarray(b.labelled, dtype=bool)).to(device)
+        if b.counts is not None and physics is not None:
+            d["counts"] = torch.from_numpy(b.counts).to(device)
+            d["measured"] = torch.from_numpy(np.isfinite(b.counts[:, 0, 0])).to(device)
+        if b.positions_m is not None:
+            d["positions_m"] = torch.from_numpy(np.asarray(b.positions_m, dtype=np.float64)).to(device)
+        if b.context is not None and physics is not None:
+            d["context"] = torch.from_numpy(np.asarray(b.context, dtype=np.complex64)).to(device)
         return d
 
     init_info = None
@@ -446,17 +526,28 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
             return None
         net.eval()
         sums: dict[str, float] = {}
+        rows: dict[str, int] = {}
         with torch.no_grad():
             for s in range(0, len(val.x), 64):
-                b = to_dev(Batch(val.x[s:s + 64], val.phase[s:s + 64],
-                                 None if val.amplitude is None else val.amplitude[s:s + 64]))
-                _, parts = _loss(torch, forward(b["x"]), b, heads, weight, cfg.amp_weight)
+                chunk = val.rows(slice(s, s + 64))
+                b = to_dev(chunk)
+                _, parts = _step_loss(torch, cfg, physics, forward(b["x"]), b, heads, weight)
+                n_lab = len(chunk.x) if chunk.labelled is None else int(np.sum(chunk.labelled))
+                n_phys = 0 if chunk.counts is None else int(np.isfinite(chunk.counts[:, 0, 0]).sum())
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(b["x"])
+                    k_rows = n_phys if k in ("poisson", "overlap") else n_lab
+                    sums[k] = sums.get(k, 0.0) + float(v) * k_rows
+                    rows[k] = rows.get(k, 0) + k_rows
         net.train()
-        return {k: v / len(val.x) for k, v in sums.items()}
+        return {k: v / max(rows[k], 1) for k, v in sums.items()}
 
+    if cfg.budget_clock not in ("wall", "cpu"):
+        raise TrainError(f"--budget-clock must be wall or cpu, got {cfg.budget_clock!r}")
+    # the budget runs on the wall clock, or on this process's CPU time (all threads: a shared box)
+    now = time.monotonic if cfg.budget_clock == "wall" else time.process_time
+    initial_val = evaluate() if cfg.init or physics is not None else None
     t0 = time.monotonic()
+    c0 = now()
     step = start_step
     running: dict[str, float] = {}
     stopped = ""
@@ -472,9 +563,28 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
         ahead[k + 1] = pool.submit(src.batch, k + 1, cfg.batch)
         return fut.result()
 
+    def predict_patches(x: np.ndarray) -> np.ndarray:
+        """The network's complex patches for pre-processed frames (eval mode, no gradient)."""
+        assert physics is not None
+        net.eval()
+        with torch.no_grad():
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(device).contiguous(memory_format=torch.channels_last)
+            p = physics.patches(forward(xt), heads)
+        net.train()
+        return np.asarray(p.cpu().numpy(), dtype=np.complex64)
+
+    use_context = physics is not None and cfg.physics_context == "mosaic" and hasattr(src, "refresh_context")
+    if physics is not None and cfg.physics_context not in ("border", "mosaic"):
+        raise TrainError(f"--physics-context must be border or mosaic, got {cfg.physics_context!r}")
+
     def one_step(k: int) -> None:
+        if use_context and k % max(1, int(cfg.context_every)) == 0:
+            for fut in ahead.values():  # batches made before the refresh carry the old surround
+                fut.cancel()
+            ahead.clear()
+            src.refresh_context(predict_patches)
         b = to_dev(fetch(k))
-        loss, parts = _loss(torch, forward(b["x"]), b, heads, weight, cfg.amp_weight, cfg.grad_weight)
+        loss, parts = _step_loss(torch, cfg, physics, forward(b["x"]), b, heads, weight, cfg.grad_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -483,8 +593,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
             running[name] = 0.98 * running.get(name, fv) + 0.02 * fv
 
     def clock() -> float:
-        """Training seconds so far, across resumes."""
-        return elapsed0 + time.monotonic() - t0
+        """Training seconds so far (wall or CPU, ``cfg.budget_clock``), across resumes."""
+        return elapsed0 + now() - c0
 
     budget = None
     if cfg.budget_s:
@@ -565,17 +675,20 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
         "batch": cfg.batch, "samples_seen": step * cfg.batch, "lr": cfg.lr, "schedule": cfg.schedule,
         "budget_s": cfg.budget_s,
         "optimizer": "Adam", "precision": cfg.precision, "init": init_info,
-        "loss": "L1, probe-weighted" + (f", + {cfg.grad_weight:g} x L1 of the gradient error" if cfg.grad_weight
-                                        else "") + (f", + {cfg.amp_weight:g} x amplitude" if "amplitude" in heads
-                                                    else ""),
+        "loss": _describe_loss(cfg, heads, physics),
         "final_train_loss": {k: round(v, 5) for k, v in running.items()},
         "final_val_loss": None if final_val is None else {k: round(v, 5) for k, v in final_val.items()},
+        "initial_val_loss": None if initial_val is None else {k: round(v, 5) for k, v in initial_val.items()},
+        "cpu_s": round(time.process_time(), 1), "budget_clock": cfg.budget_clock,
         "data": src.describe(), "net": net.config, "time_s": round(elapsed, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stopped_early": stopped or None,
         "phase_target": "object phase minus its probe-weighted mean, central output_size px",
     }
     if facts["geometry"]:
         summary["geometry"] = facts["geometry"]
+    if physics is not None:
+        summary["physics"] = dict(physics.describe(), supervised_weight=cfg.supervised_weight,
+                                  physics_weight=cfg.physics_weight, overlap_weight=cfg.overlap_weight)
     meta = {
         "ptychostream.name": cfg.name or out_path.stem,
         "ptychostream.preprocess": facts["pre"].to_json(),
