@@ -381,13 +381,7 @@ class Pipeline:
             self.rec(Backend=self.o.backend, BatchSize=self.batch, BacklogLimit=self.backlog, PublishRate=10,
                      PixelSize=1e-8)
             self.rec(ModelPath=self.model, InputPV=self.SIM + "Pva1:Image", Enable=1)
-            self.wait_serving(self.model)
-            deadline = time.monotonic() + 30
-            while int(self.get("InputConnected_RBV")) != 1:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"input not connected: {self.text('Message_RBV')}")
-                time.sleep(0.05)
-            self.backend_used = BACKEND_CHOICES[int(self.get("Backend_RBV"))]
+            self._serve_and_connect()
         except BaseException:
             self.__exit__()
             raise
@@ -405,6 +399,16 @@ class Pipeline:
     def sim(self, **values) -> None:
         for k, v in values.items():
             self.ctx.put(f"{self.SIM}cam1:{k}", v, wait=True)
+
+    def _serve_and_connect(self) -> None:
+        """Wait until the model serves and the input channel is connected; note the backend in use."""
+        self.wait_serving(self.model)
+        deadline = time.monotonic() + 30
+        while int(self.get("InputConnected_RBV")) != 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"input not connected: {self.text('Message_RBV')}")
+            time.sleep(0.05)
+        self.backend_used = BACKEND_CHOICES[int(self.get("Backend_RBV"))]
 
     def rec(self, **values) -> None:
         for k, v in values.items():
@@ -953,13 +957,7 @@ class HostPipeline(Pipeline):
                      PixelSize=HOST_PIXEL, PositionSource="Attributes", PosAttrX="PositionX", PosAttrY="PositionY",
                      PosScale=1.0)
             self.rec(ModelPath=self.model, InputPV=self.prod.CHANNEL, Enable=1)
-            self.wait_serving(self.model)
-            deadline = time.monotonic() + 30
-            while int(self.get("InputConnected_RBV")) != 1:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"input not connected: {self.text('Message_RBV')}")
-                time.sleep(0.05)
-            self.backend_used = BACKEND_CHOICES[int(self.get("Backend_RBV"))]
+            self._serve_and_connect()
         except BaseException:
             self.__exit__()
             raise

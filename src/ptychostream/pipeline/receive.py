@@ -217,15 +217,7 @@ class Receiver:
             if not self._connected or self._fresh:
                 self._first(value)
                 return
-            try:
-                frame = ntnd.decode(value, received=time.time())
-            except ntnd.FrameError as exc:
-                self._on_bad(str(exc))
-                return
-            except Exception as exc:  # not an NTNDArray at all (a field missing)
-                self._on_bad(f"{self.channel} is not an NTNDArray ({value.getID()}: {exc!r})")
-                return
-            self._on_frame(frame)
+            self._take(value)
             return
         self._connected = False
         if isinstance(value, Disconnected):
@@ -254,10 +246,17 @@ class Receiver:
             rejoin, self._joined = self._joined, True
             self.on_stale(int(value["uniqueId"]), rejoin)
             return
+        self._take(value)
+
+    def _take(self, value) -> None:
+        """Decode a frame update and hand it on; an undecodable one is counted as bad."""
         try:
             frame = ntnd.decode(value, received=time.time())
         except ntnd.FrameError as exc:
             self._on_bad(str(exc))
+            return
+        except Exception as exc:  # not an NTNDArray at all (a field missing)
+            self._on_bad(f"{self.channel} is not an NTNDArray ({value.getID()}: {exc!r})")
             return
         self._on_frame(frame)
 
