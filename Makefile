@@ -30,9 +30,10 @@ demo: $(STAMP)
 	$(PY) -m ptychostream.cli.demo $(DEMO_ARGS)
 
 # mypy first (files and settings in pyproject's [tool.mypy]); then the GPU script's dry run on the
-# CPU (about a minute; a failed step does not stop make: tests/test_benchmarks.py reads its output
-# from GPU_CHECK_OUT and fails on it); pytest in a random order within and across modules (the seed
-# is printed in the header: --random-order-seed=N repeats an order)
+# CPU (about 100 s, its few seconds of training and the scoring included; a failed step does not
+# stop make: tests/test_benchmarks.py reads its output from GPU_CHECK_OUT and fails on it); pytest
+# in a random order within and across modules (the seed is printed in the header:
+# --random-order-seed=N repeats an order)
 GPU_CHECK_OUT := build/gpu-check-dry
 test: $(STAMP) $(TRAIN_STAMP)
 	$(PY) -m mypy

@@ -20,7 +20,9 @@ Benchmarks (--only, comma-separated):
             model (PublishRate 10, stitched by position attributes) at 64, 128, 256 and 516 px (516 and
             256 cropped/binned to 128): the highest rate with zero loss and a 20,000-frame burst, next
             to a bare p4p client of the same producer in the same run
+            (--receive thread,process: each receiver, next to the same bare client)
   profile   py-spy samples the reconstructor of the host benchmark at 128 px: us/frame per stage
+            (with the last receiver of --receive; the process receiver's child is sampled too)
 
 --backend goes to the reconstructor's Backend PV and to the inference ceiling alike.
 benchmarks/gpu_check.sh runs the tests and benchmarks of a GPU machine in one command.
@@ -98,6 +100,8 @@ class Opts:
     #: host: frame sizes; profile: the paced rate (0: PROFILE_SHARE of the sustained one)
     host_sizes: tuple[int, ...] | None = None
     profile_rate: float = 0.0
+    #: host: the receivers measured (``ptychostream ioc --receive``); profile: the last of them
+    receive: tuple[str, ...] = ("thread",)
 
     @property
     def batch(self) -> int:
@@ -942,16 +946,18 @@ class HostPipeline(Pipeline):
     """A bare producer (its own process, slot 0) -> the reconstructor IOC (slot 1) with the null model,
     PublishRate 10 and the mosaic fed by the frames' position attributes."""
 
-    def __init__(self, net: EpicsNet, model: str, o: Opts, batch: int, backlog: int, prod: Producer) -> None:
+    def __init__(self, net: EpicsNet, model: str, o: Opts, batch: int, backlog: int, prod: Producer,
+                 receive: str = "thread") -> None:
         super().__init__(net, model, o, batch, backlog)
         self.prod = prod
+        self.receive = receive
 
     def __enter__(self) -> "HostPipeline":
         from p4p.client.thread import Context
 
         try:
-            self.rec_ioc = IOCProcess(["ioc", "--prefix", self.REC, "--no-ca"], self.REC, self.net.slots[1],
-                                      self.net).start()
+            self.rec_ioc = IOCProcess(["ioc", "--prefix", self.REC, "--no-ca", "--receive", self.receive], self.REC,
+                                      self.net.slots[1], self.net).start()
             self.ctx = Context("pva", conf=self.net.pva_conf(), useenv=False)
             self.rec(Backend=self.o.backend, BatchSize=self.batch, BacklogLimit=self.backlog, PublishRate=10,
                      PixelSize=HOST_PIXEL, PositionSource="Attributes", PosAttrX="PositionX", PosAttrY="PositionY",
@@ -1069,52 +1075,61 @@ def bench_host(net: EpicsNet, o: Opts) -> None:
         px, crop, binning = host_geometry(size)
         pre = ", ".join(([f"crop {crop}"] if crop else []) + ([f"bin {binning}"] if binning > 1 else [])) or "none"
         path = null_model(o.tmp / f"null{size}.onnx", px, crop, binning)
+        runs = []
         with Producer(net, size, HOST_PIXEL) as prod:
             bare_client(net, prod, min(n_burst, 2000))  # untimed: a fresh producer's first run is slower
             bare = [bare_client(net, prod, n_burst)]
-            with HostPipeline(net, path, o, o.batch, backlog=min(1_000_000, max(100_000, 2 * n_burst)),
-                              prod=prod) as p:
-                p.run_frames(min(n_burst, 2000), 0.0)  # untimed: first batches, mosaic canvas
-                burst, stitched, unpositioned = p.run_frames(n_burst)
-                rx_rate = burst.counters["Received"] / max(burst.last_rx - burst.first, 1e-3)
-                print(f"[host] {size}x{size}: burst of {n_burst}: received {burst.counters['Received']} at "
-                      f"{rx_rate:.0f}/s, {burst.lost_note()}", flush=True)
-                ceiling0 = bare[0].rate
-                search = host_search(p, 0.9 * min(rx_rate, ceiling0), ceiling0, steps, secs)
-                backend = p.backend_used
+            for receive in o.receive:
+                with HostPipeline(net, path, o, o.batch, backlog=min(1_000_000, max(100_000, 2 * n_burst)),
+                                  prod=prod, receive=receive) as p:
+                    p.run_frames(min(n_burst, 2000), 0.0)  # untimed: first batches, mosaic canvas
+                    burst, stitched, unpositioned = p.run_frames(n_burst)
+                    rx_rate = burst.counters["Received"] / max(burst.last_rx - burst.first, 1e-3)
+                    print(f"[host] {size}x{size}, --receive {receive}: burst of {n_burst}: received "
+                          f"{burst.counters['Received']} at {rx_rate:.0f}/s, {burst.lost_note()}", flush=True)
+                    ceiling0 = bare[0].rate
+                    search = host_search(p, 0.9 * min(rx_rate, ceiling0), ceiling0, steps, secs)
+                    runs.append((receive, burst, stitched, unpositioned, rx_rate, search, p.backend_used))
             bare.append(bare_client(net, prod, n_burst))
         ceiling = float(np.mean([b.rate for b in bare]))
-        ok = [r for r in search if r["zero_loss"]]
-        best = max(ok, key=lambda r: r["input_rate"]) if ok else None
-        sustained = best["input_rate"] if best else 0.0
-        what = f"{size}x{size} uint16 -> {px}x{px} ({pre}), null model, PublishRate 10, stitched"
         bare_note = " / ".join(f"{b.rate:.0f}/s" for b in bare)
-        note = (f"bare p4p client before / after: {bare_note}; "
-                + (f"at {best['requested']:.0f}/s requested: processed {best['processed']}/{best['sent']}, "
-                   f"peak backlog {best['peak_backlog']}/{best['backlog_limit']}, stitched {best['stitched']} "
-                   f"(unpositioned {best['unpositioned']}), "
-                   f"latency p50 {best['p50_ms']:.0f} ms p99 {best['p99_ms']:.0f} ms" if best else
-                   "no paced rate was sustained with zero loss")
-                + "; tried " + ", ".join(f"{r['requested']:.0f}" + ("" if r["zero_loss"] else " (no)") for r in search))
-        row("host", f"highest rate sustained with zero loss, {what}", sustained, "frames/s", ceiling,
-            "bare p4p client (Python monitor, no decode), same producer", note=note, size=size, model_px=px,
-            crop=crop, bin=binning, backend=backend, batch=o.batch, bare=[vars(b) for b in bare], steps=search)
-        c = burst.counters
         bare_rx = float(np.mean([b.received for b in bare]))
-        row("host", f"burst of {n_burst} at the producer's full speed: received, {what}", c["Received"], "frames",
-            bare_rx, "bare p4p client, same burst",
-            note=f"processed {c['Processed']}, {burst.lost_note()}; stitched {stitched}, unpositioned {unpositioned}; "
-                 f"producer posted {burst.input_rate:.0f}/s, reconstructor received {rx_rate:.0f}/s; bare client "
-                 f"received {' / '.join(str(b.received) for b in bare)} at {bare_note}",
-            size=size, model_px=px, crop=crop, bin=binning, backend=backend, received_rate=round(rx_rate, 1),
-            stitched=stitched, unpositioned=unpositioned, bare=[vars(b) for b in bare], **burst.data())
-        table.append((size, pre, ceiling, sustained, bare_rx, c["Received"], c["Processed"], burst.lost))
-    print(f"\n[host] backend {o.backend}, batch {o.batch}, monitor queue {HOST_QUEUE}\n"
-          "| frames | pre-processing | bare p4p client | sustained, zero loss | ratio | burst: bare client received "
-          "| burst: reconstructor received / processed / lost | ratio |\n|---|---|---|---|---|---|---|---|")
-    for size, pre, ceil, sus, brx, rx, pr, lost in table:
-        print(f"| {size}² | {pre} | {ceil:.0f}/s | {sus:.0f}/s | {100 * sus / ceil:.0f} % | {brx:.0f} of {n_burst} "
-              f"| {rx} / {pr} / {lost} | {100 * rx / max(brx, 1):.0f} % |")
+        for receive, burst, stitched, unpositioned, rx_rate, search, backend in runs:
+            ok = [r for r in search if r["zero_loss"]]
+            best = max(ok, key=lambda r: r["input_rate"]) if ok else None
+            sustained = best["input_rate"] if best else 0.0
+            what = (f"{size}x{size} uint16 -> {px}x{px} ({pre}), null model, PublishRate 10, stitched, "
+                    f"--receive {receive}")
+            note = (f"bare p4p client before / after: {bare_note}; "
+                    + (f"at {best['requested']:.0f}/s requested: processed {best['processed']}/{best['sent']}, "
+                       f"peak backlog {best['peak_backlog']}/{best['backlog_limit']}, stitched {best['stitched']} "
+                       f"(unpositioned {best['unpositioned']}), "
+                       f"latency p50 {best['p50_ms']:.0f} ms p99 {best['p99_ms']:.0f} ms" if best else
+                       "no paced rate was sustained with zero loss")
+                    + "; tried " + ", ".join(f"{r['requested']:.0f}" + ("" if r["zero_loss"] else " (no)")
+                                             for r in search))
+            row("host", f"highest rate sustained with zero loss, {what}", sustained, "frames/s", ceiling,
+                "bare p4p client (Python monitor, no decode), same producer", note=note, size=size, model_px=px,
+                crop=crop, bin=binning, backend=backend, batch=o.batch, receive=receive, bare=[vars(b) for b in bare],
+                steps=search)
+            c = burst.counters
+            row("host", f"burst of {n_burst} at the producer's full speed: received, {what}", c["Received"], "frames",
+                bare_rx, "bare p4p client, same burst",
+                note=f"processed {c['Processed']}, {burst.lost_note()}; stitched {stitched}, unpositioned "
+                     f"{unpositioned}; producer posted {burst.input_rate:.0f}/s, reconstructor received "
+                     f"{rx_rate:.0f}/s; bare client received {' / '.join(str(b.received) for b in bare)} at "
+                     f"{bare_note}",
+                size=size, model_px=px, crop=crop, bin=binning, backend=backend, receive=receive,
+                received_rate=round(rx_rate, 1), stitched=stitched, unpositioned=unpositioned,
+                bare=[vars(b) for b in bare], **burst.data())
+            table.append((size, pre, receive, ceiling, sustained, bare_rx, c["Received"], c["Processed"], burst.lost))
+    print(f"\n[host] backend {o.backend}, batch {o.batch}, monitor queue {HOST_QUEUE}, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end\n"
+          "| frames | pre-processing | receive | bare p4p client | sustained, zero loss | ratio | burst: bare client "
+          "received | burst: reconstructor received / processed / lost | ratio |\n|---|---|---|---|---|---|---|---|---|")
+    for size, pre, receive, ceil, sus, brx, rx, pr, lost in table:
+        print(f"| {size}² | {pre} | {receive} | {ceil:.0f}/s | {sus:.0f}/s | {100 * sus / ceil:.0f} % | {brx:.0f} of "
+              f"{n_burst} | {rx} / {pr} / {lost} | {100 * rx / max(brx, 1):.0f} % |")
 
 
 #: the profile's stages: (stage, files under ptychostream/ whose innermost frame puts a sample there);
@@ -1126,9 +1141,12 @@ PROFILE_STAGES = (
     ("inference", ("model/infer.py", "model/backends/")),
     ("publish", ("pipeline/publish.py", "protocols/pva.py")),
     ("stitch", ("pipeline/stitch.py", "mosaic/")),
+    ("ring (receive process)", ("pipeline/ring.py", "pipeline/receive_process.py")),
 )
-#: stages counted per frame received (the rest per frame processed)
-PROFILE_PER_RECEIVED = ("decode", "intake/queue")
+#: stages counted per frame received (the rest per frame processed); so are all of the receive process's
+PROFILE_PER_RECEIVED = ("decode", "intake/queue", "ring (receive process)")
+#: the stage prefix of the samples taken in the receive process (py-spy --subprocesses)
+PROFILE_CHILD = "receive process: "
 
 
 #: innermost frames that wait (py-spy's idle detection misses some): not work of any stage
@@ -1178,6 +1196,8 @@ def read_pyspy_raw(path: Path) -> dict[str, tuple[int, dict[str, int]]]:
             continue
         frames = stack.split(";")
         stage = profile_stage(frames)
+        if any(f.startswith("process ") and "spawn_main" in f for f in frames):  # the receive process
+            stage = PROFILE_CHILD + stage
         k, leaves = out.get(stage, (0, {}))
         leaf = _short(frames[-1])
         leaves[leaf] = leaves.get(leaf, 0) + int(count)
@@ -1193,13 +1213,15 @@ def bench_profile(net: EpicsNet, o: Opts) -> None:
         return
     size = HOST_MODEL_PX
     secs = PROFILE_S_QUICK if o.quick else PROFILE_S
+    receive = o.receive[-1]
     px, crop, binning = host_geometry(size)
     path = null_model(o.tmp / f"null{size}.onnx", px, crop, binning)
-    host = [r for r in ROWS if r["bench"] == "host" and r["data"].get("size") == size and "steps" in r["data"]]
+    host = [r for r in ROWS if r["bench"] == "host" and r["data"].get("size") == size and "steps" in r["data"]
+            and r["data"].get("receive", "thread") == receive]
     with Producer(net, size, HOST_PIXEL) as prod:
         bare = bare_client(net, prod, HOST_BURST_QUICK if o.quick else HOST_BURST)
         rate = o.profile_rate or (PROFILE_SHARE * host[-1]["value"] if host and host[-1]["value"] > 0 else 0.0)
-        with HostPipeline(net, path, o, o.batch, backlog=100_000, prod=prod) as p:
+        with HostPipeline(net, path, o, o.batch, backlog=100_000, prod=prod, receive=receive) as p:
             p.run_frames(2000, 0.0)  # untimed warm-up
             if not rate:  # the host benchmark's search, short
                 burst, _, _ = p.run_frames(HOST_BURST_QUICK)
@@ -1220,7 +1242,9 @@ def bench_profile(net: EpicsNet, o: Opts) -> None:
             c0 = p.counters()
             spied = subprocess.run([spy, "record", "--pid", str(p.rec_ioc.proc.pid), "--duration", f"{secs:g}",
                                     "--rate", str(PROFILE_HZ), "--format", "raw", "--output", str(raw),
-                                    "--full-filenames", "--nonblocking"], check=False, capture_output=True, text=True)
+                                    "--full-filenames", "--nonblocking",
+                                    *(["--subprocesses"] if receive == "process" else [])],
+                                   check=False, capture_output=True, text=True)
             c1 = p.counters()
             runner.join(120 + 2 * n / max(rate, 1000.0))
     if spied.returncode != 0 or not raw.exists():
@@ -1236,18 +1260,22 @@ def bench_profile(net: EpicsNet, o: Opts) -> None:
     per = {}
     for stage in order:
         k = samples.get(stage, 0)
-        frames = received if stage in PROFILE_PER_RECEIVED else processed
+        by_rx = stage in PROFILE_PER_RECEIVED or stage.startswith(PROFILE_CHILD)
+        frames = received if by_rx else processed
         us = k / PROFILE_HZ / max(frames, 1) * 1e6
         per[stage] = us
-        row("profile", f"{stage}, {size}x{size} uint16, null model, {rate:.0f} frames/s paced", us, "us/frame",
+        row("profile", f"{stage}, {size}x{size} uint16, null model, {rate:.0f} frames/s paced, --receive {receive}",
+            us, "us/frame",
             note=f"{k} of {total} py-spy samples ({100 * k / max(total, 1):.0f} %, {k / PROFILE_HZ / secs:.2f} cores); "
-                 f"per frame {'received' if stage in PROFILE_PER_RECEIVED else 'processed'} "
+                 f"per frame {'received' if by_rx else 'processed'} "
                  f"({frames} in {secs:g} s)", stage=stage, samples=k, total_samples=total, frames=frames,
             received=received, processed=processed, seconds=secs, hz=PROFILE_HZ, rate=round(rate, 1),
-            lost=s.lost, top=top.get(stage, []))
-    print(f"\n[profile] py-spy {PROFILE_HZ} Hz for {secs:g} s on the reconstructor (pid of the ioc subprocess), "
+            lost=s.lost, receive=receive, top=top.get(stage, []))
+    print(f"\n[profile] py-spy {PROFILE_HZ} Hz for {secs:g} s on the reconstructor (pid of the ioc subprocess"
+          f"{' and its receive process' if receive == 'process' else ''}), --receive {receive}, "
           f"{rate:.0f} frames/s paced, {received} received / {processed} processed meanwhile, lost {s.lost} "
-          f"of the run's {s.sent}\n| stage | us/frame | samples | share | innermost frames (samples) |\n|---|---|---|---|---|")
+          f"of the run's {s.sent}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
+          "| stage | us/frame | samples | share | innermost frames (samples) |\n|---|---|---|---|---|")
     for stage in order:
         k = samples.get(stage, 0)
         leaves = "; ".join(f"`{f}` {c}" for f, c in top.get(stage, []))
@@ -1345,6 +1373,14 @@ def _sizes(text: str) -> tuple[int, ...]:
     return values
 
 
+def _receivers(text: str) -> tuple[str, ...]:
+    names = tuple(t for t in text.split(",") if t)
+    bad = [n for n in names if n not in ("thread", "process")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"receivers are thread and process, not {','.join(bad) or text!r}")
+    return names
+
+
 def _size(text: str) -> int:
     size = int(text)
     if size < 16 or size % 16:
@@ -1374,6 +1410,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-rate", type=float, default=0.0,
                     help=f"profile: the paced rate, frames/s (default: {PROFILE_SHARE:g} x the sustained rate at "
                          "128 px, from the host rows if host ran first, else from a short search)")
+    ap.add_argument("--receive", type=_receivers, default=("thread",),
+                    help="host: the receivers to measure, comma-separated, each next to the same bare client "
+                         "(thread, process; default thread); profile: the last of them")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot the sweep (rate, loss and latency against input rate)")
     args = ap.parse_args(argv)
@@ -1393,7 +1432,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         o = Opts(quick=args.quick, backend=args.backend, size=args.size, tmp=Path(tmp), fractions=args.fractions,
                  rates=args.rates, step_s=args.step_s, max_rate=args.max_rate, host_sizes=args.host_sizes,
-                 profile_rate=args.profile_rate)
+                 profile_rate=args.profile_rate, receive=args.receive)
         for bench in BENCHES:
             if bench not in only:
                 continue

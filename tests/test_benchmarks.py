@@ -95,31 +95,70 @@ def _host_step_books(d: dict) -> None:
 
 
 @pytest.mark.system
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(540)
 def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.sh --dry-run: every step ran and passed, and wrote what the GPU run writes.
+    """benchmarks/gpu_check.sh --dry-run: every step ran and passed, in the planned order and time, and
+    wrote what the GPU run writes, within what the device tool brings back.
 
     ``make test`` runs the dry run before pytest and names its folder in $PTYCHOSTREAM_GPU_CHECK_OUT;
-    without it, this test runs the dry run itself (about a minute and a half on the 2-core box)."""
+    without it, this test runs the dry run itself (about two minutes on the 2-core box)."""
     given = os.environ.get(GPU_CHECK_OUT)
     out = Path(given) if given else tmp_path / "gpu-check"
     if not given:
         proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                              capture_output=True, text=True, timeout=400)
+                              capture_output=True, text=True, timeout=480)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert (out / "summary.json").exists(), f"no summary.json in {out}: did the dry run start?"
     summary = json.loads((out / "summary.json").read_text())
     log = (out / "gpu_check.log").read_text()
     assert summary["dry_run"] and summary["backend"] == "ONNXRuntime-CPU"
     steps = {s["name"]: s for s in summary["steps"]}
-    assert list(steps) == ["install", "env", "tests", "host", "e2e-32"], summary["steps"]
+    order = ["install", "env", "tests", "host", "e2e-32", "train", "score"]
+    assert list(steps) == order, summary["steps"]
     failed = [s for s in summary["steps"] if s["rc"] != 0]
     assert not failed, f"steps failed: {failed}\n{log[-4000:]}"
     assert all(0 <= s["seconds"] <= s["limit_s"] for s in summary["steps"])
+    # the plan, printed first: every step's limit fits the budget, the training run taking the rest
+    assert log.splitlines()[1].startswith("# plan, seconds at most"), log[:500]
+    plan = summary["plan_s"]
+    assert list(plan) == order and plan["train"].endswith("+")
+    assert sum(int(v.rstrip("+")) for v in plan.values()) <= summary["budget_s"]
+    assert sum(s["seconds"] for s in summary["steps"]) <= summary["budget_s"]
     assert " passed" in summary["tests"] and "failed" not in summary["tests"]
-    # what comes back from a device run: at most 8 plain files, named as the device tool allows
+    # what comes back from a device run: at most 8 plain files of 16 MiB, named as the device tool allows
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["e2e-32.json", "gpu_check.log", "host.json", "summary.json", "sweep-32.png"], files
+    assert files == ["e2e-32.json", "gpu_check.log", "host.json", "summary.json", "sweep-32.png", "train.onnx"], files
+    assert all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in out.iterdir())
+    assert sorted(summary["files"]) == files  # summary.json lists them (rewritten after the last step)
+
+    # the training run: the shipped model continued on the CPU for a few seconds, exported, then scored
+    shipped = ROOT / "src" / "ptychostream" / "models" / "ptychonn_edge.onnx"
+    train = summary["train"]
+    assert train["device"] == "cpu" and train["precision"] == "bf16" and train["steps"] > 0
+    assert train["init"]["file"] == shipped.name and train["init"]["max_abs_diff"] < 1e-3
+    assert train["init"]["sha256"].startswith("bd5603804ec2")
+    assert train["final_val_loss"]["phase"] > 0 and train["initial_val_loss"]["phase"] > 0
+    assert train["history"] and train["history"][-1]["step"] == train["steps"] and "phase" in train["history"][-1]["val"]
+    assert "starting from src/ptychostream/models/ptychonn_edge.onnx" in log
+    from ptychostream.model.infer import open_model
+
+    model = open_model(str(out / "train.onnx"))
+    assert model.info.name == "ptychonn_edge" and model.info.input_shape == (64, 64)
+    assert model.info.model_id == train["model_id"] != "bd5603804ec2"
+    model.close()
+    scores = summary["scores"]
+    assert scores["model"] == "train.onnx" and sorted(scores["by_seed"]) == ["0", "1"]
+    for by_offset in scores["by_seed"].values():
+        assert sorted(by_offset) == ["mean", "overlap"]
+        assert all(0 < r["ssim"] <= 1 and r["psnr"] > 0 for r in by_offset.values())
+    assert scores["n_seeds_1_5_overlap"] == 1 and scores["mean_ssim_seeds_1_5_overlap"] == pytest.approx(
+        scores["by_seed"]["1"]["overlap"]["ssim"], abs=1e-4)
+    # --report: the Markdown for docs/benchmarks.md, from summary.json
+    rep = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--report", str(out)], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert "| 132² → 128² |" in rep.stdout and "End to end at 32²" in rep.stdout and "| 1 | " in rep.stdout, rep.stdout
+    assert f"{train['steps']} steps" in rep.stdout and "(dry run on the CPU: no GPU figure)" in rep.stdout
 
     host = json.loads((out / "host.json").read_text())
     for size, px in ((32, 32), (132, 128)):  # 132: cropped to the 128-pixel model by its pre-processing

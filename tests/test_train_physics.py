@@ -260,3 +260,117 @@ def test_physics_flags_without_a_scan_or_with_zero_weights_are_refused(tiny_scan
                           physics_weight=-1.0, overlap_weight=1.0), progress=False)
     with pytest.raises(TrainError, match="physics-weight"):
         train(TrainConfig(output=str(tmp_path / "a.onnx"), scan=str(tiny_scan)), progress=False)
+
+
+# --------------------------------------------------------------------------- the full detector frame
+@pytest.mark.parametrize("flip_x,transpose,bin_", [(False, False, 1), (True, True, 2)])
+def test_full_frame_loss_compares_every_detector_pixel_in_the_same_orientation(flip_x, transpose, bin_):
+    """``frame="full"``: the counts are the whole stored frame brought to the canonical orientation (no crop,
+    no bin), the loss's prediction lands on them, and the minimum at the truth stays."""
+    modes = probe_modes()
+    patches = structured_object(2)
+    canonical = counts_of(modes, patches)
+    stored = store_frames(canonical, flip_x=flip_x, transpose=transpose)  # corner origin
+    pre = Preprocess(fftshift=True, flip_x=flip_x, transpose=transpose, crop_size=16, bin=bin_, scale="sqrt",
+                     normalise="mean")
+    loss = PoissonLoss(modes, pre, S, frame="full")
+    counts = loss.counts(stored, pre)
+    want = Preprocess(fftshift=True, flip_x=flip_x, transpose=transpose).apply(stored)
+    assert counts.shape == (2, S, S) and loss.geometry.shape == (S, S)
+    np.testing.assert_allclose(counts, want, rtol=1e-6)
+    pred = loss.predicted(torch.from_numpy(patches)).numpy()
+    ratio = counts.sum(axis=(1, 2)) / pred.sum(axis=(1, 2))
+    np.testing.assert_allclose(pred * ratio[:, None, None], counts, rtol=1e-3, atol=1e-3 * float(counts.max()))
+    assert float(loss.deviance(torch.from_numpy(patches), torch.from_numpy(counts))) < 1e-4
+    # the finest detail (a checkerboard phase: its signal moves to the detector's edge) costs far more in
+    # the full frame than in the central crop (compared at bin 1, per-pixel means of like pixels)
+    if bin_ > 1:
+        return
+    fine = patches * np.exp(0.3j * ((np.indices((S, S)).sum(axis=0) % 2) * 2 - 1))[None]
+    crop = PoissonLoss(modes, pre, S)
+    d_full = float(loss.deviance(torch.from_numpy(fine), torch.from_numpy(counts)))
+    d_crop = float(crop.deviance(torch.from_numpy(fine), torch.from_numpy(crop.counts(stored, pre))))
+    assert d_full > 4 * max(d_crop, 1e-3), (d_full, d_crop)
+    with pytest.raises(Exception, match="physics-frame"):
+        PoissonLoss(modes, pre, S, frame="all")
+
+
+# --------------------------------------------------------------------------- held-back frames, selection
+def test_held_back_frames_never_join_a_batch_and_are_the_validation(tiny_scan):
+    from ptychostream.files.scan import read_scan
+    from ptychostream.train import TrainConfig
+    from ptychostream.train.physics import FrameSource
+
+    scan = read_scan(tiny_scan)
+    frames = np.asarray(scan.canonical_frames(), dtype=np.float32)
+    pre = Preprocess(scale="sqrt", normalise="mean")
+    loss = PoissonLoss(scan.probe, pre, 16, pixel_m=scan.pixel_m())
+    cfg = TrainConfig(val=8, size=S)
+    w = np.ones((16, 16), np.float32)
+    for positions in (np.asarray(scan.positions_m), None):
+        fs = FrameSource(cfg, frames, positions, pre, loss, w, group=4, holdback=7)
+        assert len(fs.held) == 7 and fs.describe()["held_back"] == 7
+        seen = np.concatenate([fs.indices(k, 16) for k in range(200)])
+        assert not np.isin(seen, fs.held).any()
+        assert len(np.unique(seen)) == len(frames) - 7  # every other frame is drawn
+        np.testing.assert_array_equal(fs.validation(8).x, fs.x[fs.held])
+    with pytest.raises(Exception, match="hold back"):
+        FrameSource(cfg, frames, None, pre, loss, w, group=4, holdback=len(frames))
+
+
+def test_select_exports_the_best_checkpoint_by_the_held_back_figure(tiny_scan, tmp_path):
+    from ptychostream.model.info import load_model_file
+    from ptychostream.train import TrainConfig, TrainError, train
+
+    kw = dict(scan=str(tiny_scan), supervised_weight=0.0, physics_weight=1.0, overlap_weight=0.5, size=S, depth=2,
+              base_channels=4, output_size=16, batch=8, threads=1, val=8, lr=4e-3, physics_context="mosaic",
+              context_every=4)
+    out = tmp_path / "sel.onnx"
+    summary = train(TrainConfig(output=str(out), epochs=8, select="poisson", select_frames=9, **kw),
+                    progress=False, log=lambda s: None)
+    sel = summary["checkpoint_selection"]
+    assert sel["figure"] == "poisson" and sel["frames"] == 9 and summary["data"]["held_back"] == 9
+    assert 0 <= sel["best_step"] <= sel["last_step"] and sel["best_value"] <= sel["last_value"]
+    # the exported model is the selected one: its validation figure is the best one seen
+    assert summary["final_val_loss"]["poisson"] == pytest.approx(sel["best_value"], rel=1e-4)
+    assert load_model_file(out).training["checkpoint_selection"]["best_step"] == sel["best_step"]
+    with pytest.raises(TrainError, match="--select overlap needs"):
+        train(TrainConfig(output=str(out), epochs=1, select="overlap", **dict(kw, overlap_weight=0.0)),
+              progress=False)
+    with pytest.raises(TrainError, match="--select must be"):
+        train(TrainConfig(output=str(out), epochs=1, select="best", **kw), progress=False)
+
+
+def test_power_normalised_overlap_is_blind_to_the_amplitude_scale():
+    """The deviance leaves the object's amplitude scale free; the plain overlap term falls with it, the
+    power-normalised one does not (and the two agree at unit amplitude)."""
+    modes = probe_modes(size=48)
+    rng = np.random.default_rng(2)
+    from scipy.ndimage import gaussian_filter
+
+    obj = np.exp(1j * gaussian_filter(rng.uniform(-1, 1, (96, 96)), 1.5) * 3).astype(np.complex64)
+    px = 1e-8
+    pos = np.array([[0.0, 0.0], [3.0, 4.0], [-5.0, 2.0], [6.0, -6.0]]) * px
+    p = extract_patches(obj, pos, px, 24)
+    p = torch.from_numpy(p * np.exp(1j * rng.uniform(-0.3, 0.3, p.shape)).astype(np.complex64))  # disagree a little
+    t = torch.from_numpy(pos)
+    plain = PoissonLoss(modes, Preprocess(crop_size=24), 24, pixel_m=px)
+    norm = PoissonLoss(modes, Preprocess(crop_size=24), 24, pixel_m=px, overlap_norm="power")
+    a, b = float(plain.overlap(p, t)), float(norm.overlap(p, t))
+    assert a > 0.01 and b == pytest.approx(a, rel=1e-3)
+    assert float(plain.overlap(0.3 * p, t)) == pytest.approx(0.09 * a, rel=1e-3)
+    assert float(norm.overlap(0.3 * p, t)) == pytest.approx(b, rel=1e-3)
+    with pytest.raises(Exception, match="overlap-norm"):
+        PoissonLoss(modes, Preprocess(crop_size=24), 24, overlap_norm="max")
+
+
+def test_phase_anchor_is_the_squared_probe_weighted_mean_phase():
+    modes = probe_modes()
+    loss = PoissonLoss(modes, Preprocess(), 16)
+    rng = np.random.default_rng(4)
+    phase = torch.from_numpy(rng.uniform(-1, 1, (3, 16, 16)).astype(np.float32))
+    w = loss.light
+    centred = phase - ((phase * w).sum(dim=(-2, -1)) / w.sum())[:, None, None]
+    assert float(loss.anchor(centred)) < 1e-10
+    shifted = centred + torch.tensor([0.5, -1.0, 2.0])[:, None, None]
+    assert float(loss.anchor(shifted)) == pytest.approx((0.25 + 1.0 + 4.0) / 3, rel=1e-5)

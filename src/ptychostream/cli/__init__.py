@@ -21,7 +21,7 @@ def _cmd_ioc(args: argparse.Namespace) -> int:
     ioc_conf = config.get("ioc", {})
     prefix = args.prefix or ioc_conf.get("prefix", "PTY:NN:")
     ca = ioc_conf.get("ca", True) if args.ca is None else args.ca
-    recon = Reconstructor(prefix=prefix)
+    recon = Reconstructor(prefix=prefix, receive=args.receive)
     recon.start()
     for err in apply_startup_values(recon.device, config.get("pvs", {})):
         recon.message(err, severity=1)
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ca", dest="ca", action="store_false", default=None, help="serve PVA only")
     p.add_argument("--ca", dest="ca", action="store_true", help="also serve CA (the default)")
     p.add_argument("--config", help="TOML file: [ioc] prefix/ca and [pvs] start-up setpoints")
+    p.add_argument("--receive", choices=("thread", "process"), default="thread",
+                   help="receive the detector channel on a thread of the IOC (the default) or in a child "
+                        "process joined to it by shared memory")
     p.set_defaults(func=_cmd_ioc)
 
     p = sub.add_parser("simdet", help="run the simulated ptychography detector IOC",

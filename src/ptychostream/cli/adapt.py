@@ -395,6 +395,8 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
     else:
         assert labelled is not None
         source = labelled
+    # the model carries the instrument's probe as its sidecar (<model>.probe.npy), for the consistency figure
+    source[1].setdefault("probe", known_probe)
     status.update("train", 0.0, f"training ({args.mode}) from {Path(init).name}")
 
     def step(fraction: float) -> None:

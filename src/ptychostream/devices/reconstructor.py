@@ -22,7 +22,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ from ptychostream.pipeline.receive import (
     PositionMonitor,
     Receiver,
 )
+from ptychostream.pipeline.receive_process import ProcessReceiver
 from ptychostream.pipeline.record import Recorder
 from ptychostream.pipeline.stitch import SOURCES, MosaicStage, load_trajectory
 
@@ -58,7 +59,7 @@ __all__ = ["Reconstructor", "MODEL_NONE", "MODEL_LOADING", "MODEL_READY", "MODEL
            "ST_DISABLED", "ST_IDLE", "ST_RUNNING", "ST_OVERLOAD", "ST_ERROR", "PRE_PVS", "INSTRUMENT_PVS",
            "FILE_PRE_PVS", "MASK_NAMES", "load_mask",
            "RETRAIN_IDLE", "RETRAIN_RUNNING", "RETRAIN_DONE", "RETRAIN_FAILED", "RETRAIN_REFUSED", "ADAPT_CMD_ENV",
-           "adapt_command"]
+           "adapt_command", "RECEIVERS"]
 
 _log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ ADAPT_CMD_ENV = "PTYCHOSTREAM_ADAPT_CMD"
 RETRAIN_POLL_S = 0.2
 #: how long a stop waits for a retrain process to end after SIGTERM, before SIGKILL
 RETRAIN_STOP_S = 5.0
+#: how the detector channel is received: a p4p monitor in this process, or in a child process joined
+#: by a shared-memory ring (``ptychostream ioc --receive``, pipeline/receive_process.py)
+RECEIVERS = ("thread", "process")
 #: the pre-processing setpoints (each has a _RBV)
 PRE_PVS = ("PreFFTShift", "PreFlipY", "PreFlipX", "PreTranspose", "PreCropSize", "PreCropX", "PreCropY", "PreBin",
            "PreThreshold", "PreScale", "PreNormalise", "PreNormValue", "PreDarkPath", "PreMaskPath")
@@ -100,7 +104,7 @@ MASK_NAMES = ("mask", "bad_pixels", "badpixels", "bad_pixel_mask", "pixel_mask")
 class Reconstructor:
     """Owns the pipeline and the device state of one reconstructor IOC."""
 
-    def __init__(self, device: DeviceState | None = None, prefix: str = "") -> None:
+    def __init__(self, device: DeviceState | None = None, prefix: str = "", receive: str = "thread") -> None:
         self.device = device or DeviceState(load_db("reconstructor.db"), message_pv="Message_RBV",
                                              refused_pv="RefusedPuts_RBV", history_pv="MessageHistory_RBV")
         #: the PV prefix this device is served under (``--ioc`` of a retrain, which swaps through ModelPath)
@@ -121,7 +125,15 @@ class Reconstructor:
                                               frames=d.get("ConsistencyFrames"))
         self.consistency.on_alarm = self._on_consistency_alarm
         self.batcher.after_infer = self.consistency
-        self.receiver = Receiver(self._on_monitor_frame, self._on_bad_frame, self._on_connect)
+        if receive not in RECEIVERS:
+            raise ValueError(f"unknown receiver {receive!r}; choose one of {', '.join(RECEIVERS)}")
+        self.receiver: Receiver | ProcessReceiver
+        if receive == "process":
+            self.receiver = ProcessReceiver(self._on_monitor_frames, self._on_bad_frame, self._on_connect,
+                                            self._on_ring_dropped)
+            self.receiver.on_restart = self._on_receive_restart
+        else:
+            self.receiver = Receiver(self._on_monitor_frame, self._on_bad_frame, self._on_connect)
         self.mosaic = MosaicStage(d, lambda text, sev: self.message(text, severity=sev))
         self.publisher.add_listener(self.mosaic.on_result)
         #: the areaDetector ArrayCounter: frames reconstructed, counting on from the last ArrayCounter put
@@ -333,6 +345,17 @@ class Reconstructor:
         self._gaps[source].update(frame.unique_id)  # missed, out of order, duplicates, restarts
         self.queue.put(frame)
 
+    def _intake_many(self, frames: Sequence[ImageFrame], source: str) -> None:
+        """:meth:`_intake` of a batch: each counter and the rate once, the uniqueIds in order, the
+        queue under one lock (the same drops)."""
+        n = len(frames)
+        if not n:
+            return
+        self.counters.add("received", n)
+        self.in_rate.add(n)
+        self._gaps[source].update_many([f.unique_id for f in frames])
+        self.queue.put_many(frames)
+
     def _on_result(self, result: BatchResult) -> None:
         """A published batch into the areaDetector readbacks (ArrayCounter, UniqueId, the Phase's
         shape), kept here and posted by the status scan (:meth:`_show_arrays`): no PV post per batch
@@ -372,6 +395,22 @@ class Reconstructor:
 
     def _on_monitor_frame(self, frame: ImageFrame) -> None:
         self._intake(frame, "monitor")
+
+    def _on_monitor_frames(self, frames: Sequence[ImageFrame]) -> None:
+        self._intake_many(frames, "monitor")
+
+    def _on_ring_dropped(self, uids: Sequence[int]) -> None:
+        """Frames the receive process took but its full ring refused: received and dropped."""
+        n = len(uids)
+        self.counters.add("received", n)
+        self.in_rate.add(n)
+        self._gaps["monitor"].update_many(uids)
+        self.queue.count_dropped(n)
+        self.message(f"{n} frame(s) dropped: the receive process's ring was full (this process fell behind)",
+                     severity=1, frames=n, routine=True)
+
+    def _on_receive_restart(self, n: int, text: str) -> None:
+        self.message(text, severity=2)
 
     def _on_bad_frame(self, reason: str) -> None:
         self.counters.add_many({"received": 1, "rejected": 1})

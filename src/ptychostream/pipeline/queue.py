@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FrameQueue", "QueuedFrame", "POLICIES"]
+__all__ = ["POLICIES", "FrameQueue", "QueuedFrame"]
 
 #: order matches the BacklogPolicy enum in db/
 POLICIES = ("DropNewest", "DropOldest")
@@ -65,6 +66,36 @@ class FrameQueue:
             if len(self._items) >= self._want:
                 self._cond.notify()
         return True
+
+    def put_many(self, frames: Sequence[Any], received: float | None = None) -> int:
+        """Queue ``frames`` in order under one lock, as that many :meth:`put` calls would (the same
+        drops, counted in ``dropped``). Returns how many were queued (DropNewest refuses the newest that
+        find no room; DropOldest queues them all and drops as many of the oldest)."""
+        if not frames:
+            return 0
+        t = received if received is not None else time.monotonic()
+        items = [QueuedFrame(f, t) for f in frames]
+        n = len(items)
+        with self._cond:
+            room = max(0, self.limit - len(self._items))
+            drop = max(0, n - room)
+            self.dropped += drop
+            if self.policy == "DropNewest":
+                self._items.extend(items[:n - drop] if drop else items)
+                kept = n - drop
+            else:  # DropOldest: each frame past the room pushes out the oldest (possibly a new one)
+                self._items.extend(items)
+                for _ in range(drop):
+                    self._items.popleft()
+                kept = n  # each was queued, as put() says, though the later ones pushed some out
+            if len(self._items) >= self._want:
+                self._cond.notify()
+        return kept
+
+    def count_dropped(self, n: int) -> None:
+        """Count ``n`` frames dropped before they reached the queue (a full receive ring), in ``dropped``."""
+        with self._cond:
+            self.dropped += n
 
     def get_batch(self, max_n: int, timeout: float = 0.1, linger: float = 0.0) -> list[QueuedFrame]:
         """Take up to ``max_n`` frames (waits up to ``timeout`` for the first). Marks them in flight.

@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from p4p.client.thread import Context, Disconnected, Finished, RemoteError
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from caproto.threading.client import Context as CAContext
     from caproto.threading.client import Subscription
 
-__all__ = ["Receiver", "GapCounter", "PositionMonitor"]
+__all__ = ["GapCounter", "PositionMonitor", "Receiver"]
 
 _log = logging.getLogger(__name__)
 
@@ -91,6 +92,20 @@ class GapCounter:
             changes = self._classify(int(uid), received)
         if changes:
             self.counters.add_many(changes)
+
+    def update_many(self, uids: Sequence[int]) -> None:
+        """Count the frames ``uids`` in order, as that many :meth:`update` calls would, under one lock
+        and with one :meth:`Counters.add_many`."""
+        total: dict[str, int] = {}
+        with self._lock:
+            for uid in uids:
+                changes = self._classify(int(uid), True)
+                if changes:
+                    for k, v in changes.items():
+                        total[k] = total.get(k, 0) + v
+        total = {k: v for k, v in total.items() if v}
+        if total:
+            self.counters.add_many(total)
 
     def _classify(self, uid: int, received: bool) -> dict[str, int] | None:
         if uid <= 0:
@@ -293,7 +308,7 @@ class PositionMonitor:
             self._ca_sub = pv.subscribe()
             self._ca_sub.add_callback(self._ca_callback)
             return
-        name = channel[6:] if channel.startswith("pva://") else channel
+        name = channel.removeprefix("pva://")
         self._ctx = Context("pva", nt=False)
         self._sub = self._ctx.monitor(name, self._callback, request=MONITOR_REQUEST, notify_disconnect=True)
 

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Any, Sequence
 
-from ptychostream.train.config import PRECISIONS, TrainConfig, TrainError
+from ptychostream.train.config import OVERLAP_NORMS, PHYSICS_FRAMES, PRECISIONS, SELECT_FIGURES, TrainConfig, TrainError
 from ptychostream.train.loop import train
 
 __all__ = ["add_train_parser", "config_from_args"]
@@ -61,6 +61,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overlap_weight=args.overlap_weight, frames_share=args.frames_share, scan_heldout=args.scan_heldout,
         scan_side=args.scan_side, physics_group=args.physics_group, budget_clock=args.budget_clock,
         physics_context=args.physics_context, context_every=args.context_every,
+        physics_frame=args.physics_frame, select=args.select, select_frames=args.select_frames,
+        overlap_norm=args.overlap_norm, phase_anchor=args.phase_anchor,
     )
 
 
@@ -206,6 +208,22 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
                    help="steps between refreshes of the mosaic surround (default 50)")
     g.add_argument("--physics-group", type=int, default=d.physics_group,
                    help="neighbouring frames per group in a batch, for the overlap term (default 4)")
+    g.add_argument("--physics-frame", default=d.physics_frame, choices=PHYSICS_FRAMES,
+                   help="what the deviance compares: the network's input geometry (default: its crop and bin) "
+                        "or the full detector frame (every pixel, same origin and orientation), while the "
+                        "network still sees its crop")
+    g.add_argument("--overlap-norm", default=d.overlap_norm, choices=OVERLAP_NORMS,
+                   help="the overlap term as is (default none) or divided by each pair's mean power (power: the "
+                        "object's amplitude scale, which the deviance leaves free, cannot lower it)")
+    g.add_argument("--phase-anchor", type=float, default=d.phase_anchor,
+                   help="weight of each patch's squared probe-weighted mean phase (default 0: off); the frames "
+                        "leave the absolute phase free, and a mean drifting to +-pi clips the bounded phase head")
+    g.add_argument("--select", default=d.select, choices=SELECT_FIGURES,
+                   help="export the checkpoint with the lowest validation figure instead of the last one: the "
+                        "run's loss, the Poisson deviance or the overlap disagreement (default none); with "
+                        "--scan the figure is of --select-frames frames kept out of the batches")
+    g.add_argument("--select-frames", type=int, default=d.select_frames,
+                   help="training-side frames kept out of the batches for --select (default 24)")
     p.add_argument("--eval-demo", action="store_true",
                    help="after export, score the model on the demo scan (digits, 1000 points, 100 nm)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -12,8 +12,9 @@ import numpy as np
 from ptychostream.model.network import HEADS, NetworkError, import_torch
 
 __all__ = [
-    "TRAIN_KINDS", "KIND_WEIGHTS", "PRECISIONS", "CHECKPOINT_NAME", "TrainError", "TrainConfig", "torch_module",
-    "check_finite", "crop_centre", "probe_weight", "auto_output_size", "amplitude_scale_for",
+    "TRAIN_KINDS", "KIND_WEIGHTS", "PRECISIONS", "CHECKPOINT_NAME", "SELECT_FIGURES", "PHYSICS_FRAMES",
+    "OVERLAP_NORMS", "TrainError", "TrainConfig", "torch_module", "check_finite", "crop_centre", "probe_weight",
+    "auto_output_size", "amplitude_scale_for",
 ]
 
 #: object families used for training (digits and siemens are held out for the demo)
@@ -26,6 +27,16 @@ PRECISIONS = ("fp32", "bf16")
 
 #: the checkpoint file in a --checkpoint folder
 CHECKPOINT_NAME = "last.pt"
+
+#: the validation figures a run can keep its best checkpoint by (``--select``): ``none`` exports the last
+#: step; ``loss`` the run's weighted loss; ``poisson`` the deviance; ``overlap`` the overlap disagreement
+SELECT_FIGURES = ("none", "loss", "poisson", "overlap")
+
+#: what the physics loss compares (``--physics-frame``): the network's input geometry, or the full frame
+PHYSICS_FRAMES = ("input", "full")
+
+#: the overlap term's normalisation (``--overlap-norm``): none, or by the overlapping pair's power
+OVERLAP_NORMS = ("none", "power")
 
 
 class TrainError(ValueError):
@@ -112,6 +123,19 @@ class TrainConfig:
     #: network's own patches of the scan stitched, refreshed every ``context_every`` steps)
     physics_context: str = "border"
     context_every: int = 50
+    #: what the physics loss compares: ``input`` (the network's input geometry: its crop and bin) or
+    #: ``full`` (every pixel of the detector frame, in the same origin and orientation)
+    physics_frame: str = "input"
+    #: the overlap term as is (``none``) or divided by the pair's mean power (``power``: blind to the object's
+    #: amplitude scale, which the deviance leaves free)
+    overlap_norm: str = "none"
+    #: weight of the squared probe-weighted mean phase of each patch (physics loss; keeps the bounded phase
+    #: head away from ±π, where the frames leave the absolute phase free)
+    phase_anchor: float = 0.0
+    #: export the checkpoint with the lowest validation figure (``SELECT_FIGURES``) instead of the last one;
+    #: with the physics loss, ``select_frames`` training-side frames are kept out of the batches for it
+    select: str = "none"
+    select_frames: int = 24
 
     def uses_physics(self) -> bool:
         """Whether the physics loss (or its overlap term) is on."""

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from ptychostream.model.infer import open_model
-from ptychostream.model.info import ModelError, count_parameters
+from ptychostream.model.info import META_PREFIX, PROBE_SUFFIX, ModelError, count_parameters
 from ptychostream.train.config import TrainError, torch_module
 
-__all__ = ["fuse_batchnorm", "export_onnx"]
+__all__ = ["fuse_batchnorm", "export_onnx", "probe_sidecar_path"]
 
 
 def fuse_batchnorm(net: Any) -> Any:
@@ -59,14 +59,38 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~mask
 
 
+def probe_sidecar_path(path: str | Path) -> Path:
+    """The probe file written beside a model: ``<stem>.probe.npy`` (what ``model.info.probe_sidecar`` finds)."""
+    p = Path(path)
+    return p.with_name(p.stem + PROBE_SUFFIX)
+
+
+def _probe_array(probe: np.ndarray) -> np.ndarray:
+    """The probe as stored: complex64, (S, S) for one mode, else (K, S, S); TrainError if it is not one."""
+    arr = np.asarray(probe)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim not in (2, 3) or arr.shape[-1] != arr.shape[-2] or arr.shape[-1] < 2:
+        raise TrainError(f"the probe to write beside the model must be (S, S) or (K, S, S), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or not np.any(arr):
+        raise TrainError("the probe to write beside the model is all zeros or holds NaN/inf")
+    return np.ascontiguousarray(arr, dtype=np.complex64)
+
+
 def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int = 17, check: bool = True,
-                tolerance: float = 1e-4) -> dict[str, Any]:
+                tolerance: float = 1e-4, probe: np.ndarray | None = None) -> dict[str, Any]:
     """Export ``net`` to ``path`` (dynamic batch), add ``metadata``, verify, and rename into place.
 
     Verification: onnxruntime vs torch on a random batch of 3 (max |Δ| ≤ ``tolerance``) and
     ``ptychostream.model.infer.open_model(...).selftest()``.  The file is written to a temporary
     name in the target folder and ``os.replace``\\ d over ``path`` only when all checks pass, so
-    an existing model is never left half-written.  Returns {max_abs_diff, params, bytes}.
+    an existing model is never left half-written.
+
+    ``probe`` (the complex probe the model was trained with, (S, S) or modes (K, S, S)) is written as
+    ``<stem>.probe.npy`` beside the model and named in ``ptychostream.probe``, so the device's consistency
+    figure finds it (``model.info.probe_sidecar``); it is renamed into place just before the model.  With
+    no probe, a ``<stem>.probe.npy`` left by an earlier model of that name is removed (it would be taken
+    as this model's).  Returns {max_abs_diff, params, bytes, probe (the sidecar's path or None)}.
     """
     torch = torch_module()
     import onnx
@@ -86,10 +110,21 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
     heads = list(cfg["heads"])
     size = int(cfg["size"])
     net = fuse_batchnorm(net.to("cpu")).to(memory_format=torch.contiguous_format)
+    sidecar = probe_sidecar_path(path)
+    probe_arr = None if probe is None else _probe_array(probe)
+    metadata = {k: v for k, v in metadata.items() if k != META_PREFIX + "probe"}
+    if probe_arr is not None:
+        metadata[META_PREFIX + "probe"] = sidecar.name
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx.tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
+    probe_tmp: Path | None = None
     try:
+        if probe_arr is not None:
+            fd, probe_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".probe.npy.tmp", dir=folder)
+            probe_tmp = Path(probe_name)
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, probe_arr)
         dummy = torch.zeros(2, 1, size, size)
         dyn = {"input": {0: "N"}, **{h: {0: "N"} for h in heads}}
         with warnings.catch_warnings():
@@ -131,13 +166,20 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
                 raise TrainError(f"the exported model fails its self-test: {exc}") from None
         params = count_parameters(model)
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a model is a normal file
+        if probe_tmp is not None:
+            os.chmod(probe_tmp, _file_mode(sidecar))
+            os.replace(probe_tmp, sidecar)
         os.replace(tmp, path)
+        if probe_arr is None and sidecar.is_file():
+            sidecar.unlink()
     except OSError as exc:
         raise TrainError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-    return {"max_abs_diff": diff, "params": params, "bytes": path.stat().st_size}
+        for left in (tmp, probe_tmp):
+            if left is not None and left.exists():
+                try:
+                    left.unlink()
+                except OSError:
+                    pass
+    return {"max_abs_diff": diff, "params": params, "bytes": path.stat().st_size,
+            "probe": None if probe_arr is None else str(sidecar)}

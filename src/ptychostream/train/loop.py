@@ -26,6 +26,7 @@ from ptychostream.model.preprocess import Preprocess
 from ptychostream.train.config import (
     CHECKPOINT_NAME,
     PRECISIONS,
+    SELECT_FIGURES,
     TrainConfig,
     TrainError,
     amplitude_scale_for,
@@ -40,7 +41,7 @@ from ptychostream.train.data import (
     fit_labels,
     load_pairs,
 )
-from ptychostream.train.export import export_onnx
+from ptychostream.train.export import export_onnx, probe_sidecar_path
 
 __all__ = ["train", "warm_start", "make_source", "scale_amplitude"]
 
@@ -111,7 +112,7 @@ def _labelled_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
         out = auto_output_size(probe, n_in, cfg.depth) if cfg.output_size == "auto" else int(cfg.output_size)
         weight = probe_weight(probe, cfg.size, out, cfg.loss_floor)
         src = SimSource(cfg, probe, g, pre, out, weight)
-        facts = {"pre": pre, "pixel_m": g.pixel_m, "probe_id": probe_id, "out": out, "input": n_in,
+        facts = {"pre": pre, "pixel_m": g.pixel_m, "probe_id": probe_id, "out": out, "input": n_in, "probe": probe,
                  "geometry": {"energy_keV": g.energy_keV, "distance_m": g.distance_m,
                               "detector_pixel_m": g.detector_pixel_m, "size": g.size}}
         return src, facts
@@ -151,7 +152,7 @@ def _labelled_source(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
                           "label_zoom": round(float(zoom), 6)})
     probe_id = f"files-{_array_sha(file_probe)}" if file_probe is not None else "unknown"
     return arrays, {"pre": pre, "pixel_m": pixel, "probe_id": probe_id, "out": out, "input": n_in,
-                    "geometry": None, "amp_scale": amplitude_scale_for(amp)}
+                    "geometry": None, "amp_scale": amplitude_scale_for(amp), "probe": file_probe}
 
 
 def _scheduler(torch: Any, opt: Any, cfg: TrainConfig, total: int) -> Any:
@@ -296,6 +297,9 @@ def _step_loss(torch: Any, cfg: TrainConfig, physics: Any, outs: tuple, b: dict[
             if cfg.overlap_weight > 0 and "positions_m" in b:
                 parts["overlap"] = physics.overlap(patches, b["positions_m"][rows])
                 total = total + cfg.overlap_weight * parts["overlap"]
+            if cfg.phase_anchor > 0:
+                parts["anchor"] = physics.anchor(outs[list(heads).index("phase")].float()[rows][:, 0])
+                total = total + cfg.phase_anchor * parts["anchor"]
     return total, parts
 
 
@@ -310,8 +314,59 @@ def _describe_loss(cfg: TrainConfig, heads: Sequence[str], physics: Any) -> str:
     if physics is not None and cfg.physics_weight > 0:
         words.append(f"{cfg.physics_weight:g} x Poisson deviance of the measured frames under the known probe")
     if physics is not None and cfg.overlap_weight > 0:
-        words.append(f"{cfg.overlap_weight:g} x overlap agreement of neighbouring patches")
+        words.append(f"{cfg.overlap_weight:g} x overlap agreement of neighbouring patches"
+                     + (" (power-normalised)" if cfg.overlap_norm == "power" else ""))
+    if physics is not None and cfg.phase_anchor > 0:
+        words.append(f"{cfg.phase_anchor:g} x squared probe-weighted mean phase of each patch")
     return " + ".join(words)
+
+
+def _export_probe(facts: dict[str, Any], parent: ModelInfo | None, retarget: bool) -> np.ndarray | None:
+    """The probe written beside the model: the run's (``facts["probe"]``: the simulated, the files' or the
+    scan's), else the --init model's sidecar when the run stays on its instrument, else None."""
+    probe = facts.get("probe")
+    if probe is not None:
+        return np.asarray(probe)
+    if parent is None or retarget:
+        return None
+    from ptychostream.model.info import probe_sidecar
+    from ptychostream.sim.probes import load_probe
+
+    path = probe_sidecar(parent)
+    if path is None:
+        return None
+    try:
+        return np.load(path) if path.suffix.lower() == ".npy" else load_probe(path, normalize=False)[0]
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainError(f"--init {parent.path}: cannot read its probe {path}: {exc}") from None
+
+
+def _check_select(cfg: TrainConfig, physics: Any) -> None:
+    """TrainError for a --select the run cannot make (unknown, no validation frames, no physics loss)."""
+    if cfg.select not in SELECT_FIGURES:
+        raise TrainError(f"--select must be one of {', '.join(SELECT_FIGURES)}, got {cfg.select!r}")
+    if cfg.select == "none":
+        return
+    if cfg.val <= 0:
+        raise TrainError("--select needs validation samples (--val above 0)")
+    if cfg.select in ("poisson", "overlap") and physics is None:
+        raise TrainError(f"--select {cfg.select} needs the physics loss (--scan with --physics-weight)")
+    if cfg.select == "overlap" and cfg.overlap_weight <= 0:
+        raise TrainError("--select overlap needs the overlap term (--overlap-weight above 0)")
+    if physics is not None and int(cfg.select_frames) < 1:
+        raise TrainError(f"--select-frames must be at least 1, got {cfg.select_frames!r}")
+
+
+def _select_figure(cfg: TrainConfig, v: dict[str, float]) -> float:
+    """The --select figure of a validation result (lower is better): one part, or the run's weighted loss."""
+    if cfg.select != "loss":
+        return float(v.get(cfg.select, math.nan))
+    total = 0.0
+    for k, x in v.items():
+        w = {"poisson": cfg.physics_weight, "overlap": cfg.overlap_weight, "anchor": cfg.phase_anchor,
+             "amplitude": cfg.supervised_weight * cfg.amp_weight}.get(k, cfg.supervised_weight)
+        total += w * float(x)
+    return total
 
 
 def warm_start(net: Any, path: str | Path, x: Any) -> float:
@@ -439,6 +494,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
 
         check_weights(cfg)
     frames_only = physics is not None and cfg.supervised_weight == 0
+    _check_select(cfg, physics)
     # a run on a scan's frames alone takes the scan's object pixel (the model is moved to its instrument)
     parent = _check_init(cfg.init, facts, cfg.retarget, check_pixel=not frames_only) if cfg.init else None
     # channels-last convolutions run about 1.7x faster on CPUs (oneDNN) and suit tensor cores
@@ -535,7 +591,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
                 n_lab = len(chunk.x) if chunk.labelled is None else int(np.sum(chunk.labelled))
                 n_phys = 0 if chunk.counts is None else int(np.isfinite(chunk.counts[:, 0, 0]).sum())
                 for k, v in parts.items():
-                    k_rows = n_phys if k in ("poisson", "overlap") else n_lab
+                    k_rows = n_phys if k in ("poisson", "overlap", "anchor") else n_lab
                     sums[k] = sums.get(k, 0.0) + float(v) * k_rows
                     rows[k] = rows.get(k, 0) + k_rows
         net.train()
@@ -545,7 +601,20 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
         raise TrainError(f"--budget-clock must be wall or cpu, got {cfg.budget_clock!r}")
     # the budget runs on the wall clock, or on this process's CPU time (all threads: a shared box)
     now = time.monotonic if cfg.budget_clock == "wall" else time.process_time
-    initial_val = evaluate() if cfg.init or physics is not None else None
+    initial_val = evaluate() if cfg.init or physics is not None or cfg.select != "none" else None
+    # the best checkpoint by the validation figure (--select): (figure, step, weights)
+    best: tuple[float, int, dict[str, Any]] | None = None
+    if state is not None and state.get("best") is not None:
+        best = state["best"]
+
+    def consider(v: dict[str, float] | None, at: int) -> None:
+        nonlocal best
+        if cfg.select == "none" or not v:
+            return
+        fig = _select_figure(cfg, v)
+        if math.isfinite(fig) and (best is None or fig < best[0]):
+            best = (fig, at, {k: t.detach().clone() for k, t in net.state_dict().items()})
+
     t0 = time.monotonic()
     c0 = now()
     step = start_step
@@ -577,12 +646,21 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
     if physics is not None and cfg.physics_context not in ("border", "mosaic"):
         raise TrainError(f"--physics-context must be border or mosaic, got {cfg.physics_context!r}")
 
+    if state is None and not use_context:
+        consider(initial_val, start_step)
+
     def one_step(k: int) -> None:
+        nonlocal val
         if use_context and k % max(1, int(cfg.context_every)) == 0:
             for fut in ahead.values():  # batches made before the refresh carry the old surround
                 fut.cancel()
             ahead.clear()
             src.refresh_context(predict_patches)
+            if cfg.select != "none" and val is not None:
+                # the selection figure is made in the current surround too (the starting model's as well)
+                val = src.validation(cfg.val)
+                if k == start_step and state is None:
+                    consider(evaluate(), k)
         b = to_dev(fetch(k))
         loss, parts = _step_loss(torch, cfg, physics, forward(b["x"]), b, heads, weight, cfg.grad_weight)
         opt.zero_grad(set_to_none=True)
@@ -641,6 +719,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
             over_time = cfg.time_limit_s is not None and elapsed0 + time.monotonic() - t0 > cfg.time_limit_s
             if end_epoch or over_time:
                 v = evaluate() if end_epoch else None
+                consider(v, step)
                 history.append({"step": step, "epoch": step / steps_per_epoch, "train": dict(running),
                                 "val": v, "time_s": round(elapsed0 + time.monotonic() - t0, 1)})
                 msg = (f"epoch {step / steps_per_epoch:.2f} step {step}/{total or '?'} "
@@ -656,7 +735,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
                     _save_checkpoint(torch, ckpt_dir, {
                         "key": cfg.key(), "total": total, "step": step, "net": net.state_dict(), "init": init_info,
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history,
-                        "elapsed": elapsed0 + time.monotonic() - t0, "torch_rng": torch.get_rng_state()})
+                        "elapsed": elapsed0 + time.monotonic() - t0, "torch_rng": torch.get_rng_state(),
+                        "best": best})
             if over_time and not done:
                 stopped = f"time limit {cfg.time_limit_s:g} s reached at step {step}"
                 say(stopped)
@@ -668,6 +748,17 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
             fut.cancel()
         pool.shutdown(wait=True)
     elapsed = elapsed0 + time.monotonic() - t0
+    selection = None
+    if cfg.select != "none":
+        last_val = evaluate()
+        consider(last_val, step)
+        selection = {"figure": cfg.select, "frames": len(val.x) if val is not None else 0,
+                     "last_step": step, "last_value": None if not last_val else round(_select_figure(cfg, last_val), 5)}
+        if best is not None:
+            net.load_state_dict(best[2])
+            selection.update(best_step=best[1], best_value=round(best[0], 5))
+            say(f"exporting the checkpoint of step {best[1]} ({cfg.select} {best[0]:.4g} on the validation "
+                f"frames; the last step's: {selection['last_value']})")
     final_val = evaluate()
     summary = {
         "framework": f"torch {torch.__version__}", "device": device, "seed": cfg.seed,
@@ -682,13 +773,18 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
         "cpu_s": round(time.process_time(), 1), "budget_clock": cfg.budget_clock,
         "data": src.describe(), "net": net.config, "time_s": round(elapsed, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stopped_early": stopped or None,
+        "checkpoint_selection": selection,
         "phase_target": "object phase minus its probe-weighted mean, central output_size px",
     }
     if facts["geometry"]:
         summary["geometry"] = facts["geometry"]
+    # the probe written beside the model (its sidecar, named in its metadata)
+    probe = _export_probe(facts, parent, cfg.retarget)
+    summary["probe_file"] = None if probe is None else probe_sidecar_path(out_path).name
     if physics is not None:
         summary["physics"] = dict(physics.describe(), supervised_weight=cfg.supervised_weight,
-                                  physics_weight=cfg.physics_weight, overlap_weight=cfg.overlap_weight)
+                                  physics_weight=cfg.physics_weight, overlap_weight=cfg.overlap_weight,
+                                  phase_anchor=cfg.phase_anchor)
     meta = {
         "ptychostream.name": cfg.name or out_path.stem,
         "ptychostream.preprocess": facts["pre"].to_json(),
@@ -700,7 +796,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
     }
     if facts["pixel_m"]:
         meta["ptychostream.pixel_m"] = repr(float(facts["pixel_m"]))
-    exp = export_onnx(net, out_path, meta)
+    exp = export_onnx(net, out_path, meta, probe=probe)
     summary.update(output=str(out_path), params=exp["params"], onnx_bytes=exp["bytes"],
                    onnx_max_abs_diff=exp["max_abs_diff"])
     return summary

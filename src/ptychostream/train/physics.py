@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ptychostream.model.preprocess import Preprocess
-from ptychostream.train.config import TrainConfig, TrainError, crop_centre, torch_module
+from ptychostream.train.config import OVERLAP_NORMS, PHYSICS_FRAMES, TrainConfig, TrainError, crop_centre, torch_module
 from ptychostream.train.data import Batch, concat_batches
 from ptychostream.train.instrument import probe_modes
 
@@ -184,7 +184,8 @@ class PoissonLoss:
     """
 
     def __init__(self, modes: np.ndarray, pre: Preprocess, out: int, pixel_m: float | None = None,
-                 valid: np.ndarray | None = None, device: str = "cpu") -> None:
+                 valid: np.ndarray | None = None, device: str = "cpu", frame: str = "input",
+                 overlap_norm: str = "none") -> None:
         torch = torch_module()
         self.torch = torch
         m = np.asarray(modes)
@@ -193,7 +194,16 @@ class PoissonLoss:
         self.size, self.out, self.pixel_m = size, int(out), pixel_m
         if self.out > size:
             raise TrainError(f"the output patch ({self.out}) is larger than the frames ({size})")
-        self.geometry = FrameGeometry.from_preprocess(pre, size)
+        if frame not in PHYSICS_FRAMES:
+            raise TrainError(f"--physics-frame must be one of {', '.join(PHYSICS_FRAMES)}, got {frame!r}")
+        #: ``input``: the loss compares the network's input geometry; ``full``: every detector pixel (the
+        #: same origin and orientation, no crop and no bin), while the network still sees its crop
+        self.frame = frame
+        if overlap_norm not in OVERLAP_NORMS:
+            raise TrainError(f"--overlap-norm must be one of {', '.join(OVERLAP_NORMS)}, got {overlap_norm!r}")
+        #: ``power``: the overlap term divided by the pair's mean power (scale-free; see :meth:`overlap`)
+        self.overlap_norm = overlap_norm
+        self.geometry = FrameGeometry.from_preprocess(self._geometry_pre(pre), size)
         ok = np.ones((size, size), dtype=bool) if valid is None else ~np.asarray(valid == 0)
         if ok.shape != (size, size):
             raise TrainError(f"the valid-pixel mask is {ok.shape}, the frames are {size}x{size}")
@@ -207,14 +217,22 @@ class PoissonLoss:
         self.light_np = (w / max(float(w.max()), 1e-30)).astype(np.float32)
         self.light = torch.as_tensor(self.light_np, device=device)
 
+    def _geometry_pre(self, pre: Preprocess) -> Preprocess:
+        """The pre-processing whose geometry the loss compares in: ``pre``'s own, or (``full``) ``pre``
+        with no crop and no bin."""
+        return pre if self.frame == "input" else replace(pre, crop_size=None, crop_center=None, bin=1)
+
     def describe(self) -> dict[str, Any]:
         return {"probe_modes": len(self.modes_np), "frame": self.size, "input": list(self.geometry.shape),
-                "output": self.out, "outside": "the patch's mean border value",
+                "output": self.out, "outside": "the patch's mean border value", "compared": self.frame,
+                "overlap_norm": self.overlap_norm,
                 "valid_pixels": int(self.valid_np.sum())}
 
     def counts(self, frames: np.ndarray, pre: Preprocess) -> np.ndarray:
-        """Measured frames (n, H, W) as counts in the network's geometry (``pre`` without its scaling)."""
-        return replace(pre, scale="none", normalise="none").apply(np.asarray(frames)).astype(np.float32)
+        """Measured frames (n, H, W) as counts in the loss's geometry (``pre`` without its scaling; with
+        ``frame="full"`` without its crop and bin too)."""
+        return replace(self._geometry_pre(pre), scale="none", normalise="none").apply(
+            np.asarray(frames)).astype(np.float32)
 
     def patches(self, outs: tuple, heads: tuple[str, ...]) -> Any:
         """Complex predicted patches (n, out, out) from the network's head outputs."""
@@ -269,8 +287,22 @@ class PoissonLoss:
         dev = 2.0 * (term * v).sum(dim=(-2, -1)) / v.sum().clamp_min(1.0)
         return dev if per_frame else dev.mean()
 
+    def anchor(self, phase: Any) -> Any:
+        """Mean square of each patch's probe-weighted mean phase (``phase`` (n, o, o) the phase head's output).
+
+        The frames do not fix a patch's absolute phase, yet the phase head is bounded (tanh·π): a patch
+        whose mean drifts towards ±π has its structure clipped there.  This term keeps the mean at 0, as the
+        supervised targets (phase less its probe-weighted mean) had it, and costs nothing once it is."""
+        mean = (phase * self.light).sum(dim=(-2, -1)) / self.light.sum()
+        return (mean ** 2).mean()
+
     def overlap(self, patches: Any, positions_m: Any, max_pairs: int = 256) -> Any:
-        """Mean squared complex difference of overlapping patches (see the module docstring); 0 if none."""
+        """Mean squared complex difference of overlapping patches (see the module docstring); 0 if none.
+
+        The deviance fixes the object's amplitude only up to a scale (each frame's count is fitted), so
+        the plain term can be lowered by shrinking every amplitude; with ``overlap_norm="power"`` each
+        pair's difference is divided by its mean power instead (the same value at unit amplitude, and
+        blind to the scale)."""
         torch = self.torch
         if self.pixel_m is None or positions_m is None or len(patches) < 2:
             return patches.real.sum() * 0.0
@@ -300,7 +332,10 @@ class PoissonLoss:
         oi = patches[ii]
         z = (w * oi * oj.conj()).sum(dim=(-2, -1))
         ws = w.sum(dim=(-2, -1)).clamp_min(1e-6)
-        err = (w * (oi.abs() ** 2 + oj.abs() ** 2)).sum(dim=(-2, -1)) - 2 * torch.sqrt(z.abs() ** 2 + 1e-12)
+        power = (w * (oi.abs() ** 2 + oj.abs() ** 2)).sum(dim=(-2, -1))
+        err = power - 2 * torch.sqrt(z.abs() ** 2 + 1e-12)
+        if self.overlap_norm == "power":
+            return (2 * err / power.clamp_min(1e-6)).mean()
         return (err / ws).mean()
 
 
@@ -342,11 +377,16 @@ def stitch_context(patches: np.ndarray, positions_m: np.ndarray, pixel_m: float,
 class FrameSource:
     """A scan's frames with no labels, for the physics loss: each batch is a few groups of neighbouring
     scan positions (``group`` frames each: a random frame and its nearest neighbours), so the overlap
-    term has pairs; the validation batch is a fixed spread of the frames."""
+    term has pairs; the validation batch is a fixed spread of the frames.
+
+    With ``holdback`` > 0 that many frames (an even spread in scan order) are kept out of every batch
+    and are the validation batch instead: a figure of frames the network never trained on, for the
+    checkpoint selection (``--select``).  They still join the mosaic surround (their predictions, no
+    gradient)."""
 
     def __init__(self, cfg: TrainConfig, frames: np.ndarray, positions_m: np.ndarray | None, pre: Preprocess,
-                 loss: PoissonLoss, weight: np.ndarray, group: int = 4, description: dict[str, Any] | None = None
-                 ) -> None:
+                 loss: PoissonLoss, weight: np.ndarray, group: int = 4, description: dict[str, Any] | None = None,
+                 holdback: int = 0) -> None:
         arr = np.asarray(frames)
         if arr.ndim != 3 or len(arr) == 0:
             raise TrainError(f"the physics loss needs frames (N, H, W), got shape {arr.shape}")
@@ -361,16 +401,33 @@ class FrameSource:
         self.positions = None if positions_m is None else np.asarray(positions_m, dtype=np.float64)
         self.desc = dict(description or {})
         n = len(arr)
+        hold = int(holdback)
+        if hold < 0 or (hold and hold > n - self.group):
+            raise TrainError(f"cannot hold back {hold} of {n} frames for the selection figure "
+                             f"(at least {self.group} must stay to train on)")
+        #: the frames batches are drawn from (all but the held-back ones)
+        self.pool = np.arange(n)
+        self.held = np.zeros(0, dtype=np.int64)
+        if hold:
+            self.held = np.unique(np.linspace(0, n - 1, hold).round().astype(np.int64))
+            self.pool = np.setdiff1d(np.arange(n), self.held)
         if self.positions is not None:
             d = np.abs(self.positions[:, None, :] - self.positions[None, :, :]).max(axis=-1)
+            d[:, self.held] = np.inf  # a held-back frame is nobody's neighbour in a batch
             self.neighbours = np.argsort(d, axis=1, kind="stable")
+        else:  # no positions: a frame's "neighbours" are the frames after it in scan order
+            self.neighbours = np.stack([np.roll(self.pool, -(int(np.searchsorted(self.pool, s)) % len(self.pool)))
+                                        for s in range(n)])
+        if hold:
+            self.val_idx = self.held
         else:
-            self.neighbours = np.arange(n)[None, :].repeat(n, axis=0)
-        k = min(n, max(1, int(cfg.val)))
-        self.val_idx = np.linspace(0, n - 1, k).round().astype(np.int64)
+            k = min(n, max(1, int(cfg.val)))
+            self.val_idx = np.linspace(0, n - 1, k).round().astype(np.int64)
 
     def describe(self) -> dict[str, Any]:
         d = {"source": "scan frames (no labels)", "frames": len(self.x), "group": self.group}
+        if len(self.held):
+            d["held_back"] = int(len(self.held))
         d.update(self.desc)
         return d
 
@@ -397,8 +454,9 @@ class FrameSource:
 
     def indices(self, step: int, n: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, 7, step])
-        g = min(self.group, n, len(self.x))
-        seeds = rng.choice(len(self.x), size=max(1, math.ceil(n / g)), replace=len(self.x) < math.ceil(n / g))
+        g = min(self.group, n, len(self.pool))
+        k = max(1, math.ceil(n / g))
+        seeds = self.pool[rng.choice(len(self.pool), size=k, replace=len(self.pool) < k)]
         idx = np.concatenate([self.neighbours[s, :g] for s in seeds])[:n]
         return idx
 
@@ -406,7 +464,8 @@ class FrameSource:
         return self.take(self.indices(step, n))
 
     def validation(self, n: int) -> Batch | None:
-        return self.take(self.val_idx[:n])
+        """``n`` frames spread over the scan, or every held-back frame when there are any."""
+        return self.take(self.held if len(self.held) else self.val_idx[:n])
 
 
 class WithFrames:
@@ -445,7 +504,7 @@ class WithFrames:
 # --------------------------------------------------------------------------- sources for train()
 def check_weights(cfg: TrainConfig) -> None:
     """TrainError for loss weights that are negative, not finite, or all zero."""
-    for name in ("supervised_weight", "physics_weight", "overlap_weight"):
+    for name in ("supervised_weight", "physics_weight", "overlap_weight", "phase_anchor"):
         v = float(getattr(cfg, name))
         if not (math.isfinite(v) and v >= 0):
             raise TrainError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(cfg, name)!r}")
@@ -476,7 +535,8 @@ def physics_source(cfg: TrainConfig, *, frames: np.ndarray, positions_m: np.ndar
     except ValueError as exc:
         raise TrainError(f"pre-processing: {exc}") from None
     loss = PoissonLoss(m, pre, out, pixel_m, valid=None if bad is None else ~np.asarray(bad, dtype=bool),
-                       device="cuda" if cfg.device == "cuda" else "cpu")
+                       device="cuda" if cfg.device == "cuda" else "cpu", frame=cfg.physics_frame,
+                       overlap_norm=cfg.overlap_norm)
     if labelled is not None:
         src, facts = labelled
         if int(facts["input"]) != n_in or int(facts["out"]) != int(out):
@@ -488,8 +548,11 @@ def physics_source(cfg: TrainConfig, *, frames: np.ndarray, positions_m: np.ndar
         facts = {"pre": pre, "pixel_m": float(pixel_m), "out": int(out), "input": n_in, "geometry": None,
                  "probe_id": "scan-" + hashlib.sha256(m.tobytes()).hexdigest()[:12], "amp_scale": 1.0}
     fs = FrameSource(cfg, frames, positions_m, pre, loss, weight, cfg.physics_group,
-                     {"probe_modes": len(m), "bad_pixels": 0 if bad is None else int(np.sum(bad))})
+                     {"probe_modes": len(m), "bad_pixels": 0 if bad is None else int(np.sum(bad))},
+                     holdback=cfg.select_frames if cfg.select != "none" else 0)
+    # the probe the model is trained with: the export writes it beside the model (its sidecar)
     facts = dict(facts, physics=loss)
+    facts.setdefault("probe", m)
     if labelled is None or cfg.supervised_weight == 0:
         return fs, facts
     return WithFrames(src, fs, cfg.frames_share), facts
