@@ -299,6 +299,7 @@ def test_ioc_counts_a_join_a_killed_child_and_a_rejoin(ioc, ctx):
         os.kill(child, signal.SIGKILL)
         wait_for(lambda: "receive process died" in history(ctx), timeout=20, message="the restart told",
                  state=lambda: history(ctx))
+        assert int(ctx.get(R + "ReceiveRestarts_RBV")) == 1
         wait_for(lambda: (new := receive_child(ioc.proc.pid)) is not None and new != child, timeout=20,
                  message="a new child")
         post(pvs[DET], range(131, 141), (SIZE, SIZE))  # published while the new child connects: missed at most

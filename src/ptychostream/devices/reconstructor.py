@@ -410,6 +410,8 @@ class Reconstructor:
                      severity=1, frames=n, routine=True)
 
     def _on_receive_restart(self, n: int, text: str) -> None:
+        """The receive process died and was started again (the ``n``-th time): counted and told."""
+        self.device.set("ReceiveRestarts_RBV", n)
         self.message(text, severity=2)
 
     def _on_bad_frame(self, reason: str) -> None:
