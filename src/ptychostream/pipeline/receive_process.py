@@ -42,10 +42,10 @@ from ptychostream.core.frames import ImageFrame
 from ptychostream.pipeline.receive import Receiver
 from ptychostream.pipeline.ring import (
     ATTR_BYTES,
-    DTYPES,
     RING_BYTES,
     WRITE,
     FrameRing,
+    carries,
     ring_slots,
 )
 
@@ -123,7 +123,7 @@ class RingWriter:
         a = frame.array
         blob = pickle.dumps(frame.attributes, 5) if frame.attributes else b""
         with self.lock:
-            if len(blob) > ATTR_BYTES or a.ndim != 2 or a.dtype not in DTYPES:
+            if len(blob) > ATTR_BYTES or not carries(a):
                 self._send(("frame", frame))  # the ring cannot carry it: pickled, in order
                 return
             ring = self.ring

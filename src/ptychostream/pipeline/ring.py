@@ -9,7 +9,8 @@ cells of the segment; x86 and ARM keep a slot's stores ahead of the count's stor
 
 Layout of one segment (one ``multiprocessing.shared_memory`` block)::
 
-    header  int64[8]            write count, read count, reader sleeping, frames refused
+    header  int64[8]            write count, read count, frames refused, (unused), slots, slot bytes,
+                                attribute bytes, (unused)
     uid     int64[slots]        uniqueId
     stamp   float64[slots]      timeStamp (s)
     dstamp  float64[slots]      dataTimeStamp (s, NaN: none)
@@ -31,7 +32,7 @@ import numpy as np
 
 from ptychostream.core.frames import ImageFrame
 
-__all__ = ["ATTR_BYTES", "DTYPES", "RING_BYTES", "FrameRing", "ring_slots"]
+__all__ = ["ATTR_BYTES", "DTYPES", "RING_BYTES", "FrameRing", "carries", "ring_slots"]
 
 #: the pixel types a slot carries (the NTNDArray scalar types); a frame of another type does not fit
 DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
@@ -50,8 +51,14 @@ MIN_SLOTS, MAX_SLOTS = 64, 4096
 POOL_BUFFERS, POOL_CHUNK = 16, 4 * 2**20
 #: a pooled buffer's reference count when nothing but the pool holds it (the list, the loop, the call)
 _FREE_REFS = 3
-WRITE, READ, SLEEPING, REFUSED = range(4)
+WRITE, READ, REFUSED = range(3)
 _HEADER = 8
+
+
+def carries(a: np.ndarray) -> bool:
+    """Whether a ring slot can carry pixels like ``a`` at all (2-D, a type of :data:`DTYPES`), whatever
+    their size."""
+    return a.ndim == 2 and a.dtype in _CODES
 
 
 def ring_slots(slot_bytes: int, budget: int = RING_BYTES) -> int:
@@ -105,7 +112,7 @@ class FrameRing:
     def fits(self, frame: ImageFrame) -> bool:
         """The frame's pixels fit a slot and their type has a code."""
         a = frame.array
-        return a.ndim == 2 and a.nbytes <= self.slot_bytes and a.dtype in _CODES
+        return carries(a) and a.nbytes <= self.slot_bytes
 
     def free(self) -> int:
         """Slots the writer may fill now."""
