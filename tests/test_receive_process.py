@@ -273,7 +273,7 @@ def receive_child(ioc_pid: int) -> int | None:
 def ioc(model, ctx):
     proc = IOCProcess(["ioc", "--prefix", R, "--no-ca", "--receive", "process"], R, next_slot()).start()
     try:
-        ctx.put(R + "ModelPath", model, wait=True)
+        ctx.put(R + "ModelPath", model, wait=True, timeout=60)  # the first load imports the runtime
         wait_for(lambda: int(ctx.get(R + "ModelStatus_RBV")) == 2, timeout=60, message="model ready")
         ctx.put(R + "Enable", 1, wait=True)
         yield proc
