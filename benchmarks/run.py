@@ -103,9 +103,12 @@ class Opts:
     #: host: the receivers measured (``ptychostream ioc --receive``); profile: the last of them
     receive: tuple[str, ...] = ("thread",)
 
+    #: BatchSize of every benchmark (0: 16 with --quick, else 32)
+    batch_size: int = 0
+
     @property
     def batch(self) -> int:
-        return 16 if self.quick else 32
+        return self.batch_size or (16 if self.quick else 32)
 
 
 def _num(value: float) -> float:
@@ -752,10 +755,14 @@ def bench_pvapy(net: EpicsNet, o: Opts) -> None:
 #: by the model's pre-processing (Preprocess.fit_to: 256 -> bin 2, 516 -> crop 512, bin 4)
 HOST_SIZES, HOST_SIZES_QUICK = (64, 128, 256, 516), (64, 516)
 HOST_MODEL_PX = 128
+#: the null model's output patch: the central HOST_PATCH_PX² of its input, as the shipped model's 64² of 128²
+HOST_PATCH_PX = 64
 #: the burst at the producer's full speed, and the zero-loss search: steps of HOST_STEP_S seconds
 HOST_BURST, HOST_BURST_QUICK = 20000, 2000
 HOST_STEPS, HOST_STEPS_QUICK = 6, 2
 HOST_STEP_S, HOST_STEP_S_QUICK = 3.0, 1.0
+#: bare-client bursts before and after the reconstructor's runs (the ceiling is their median)
+HOST_BARE_RUNS = 3
 #: the bare client and the reconstructor both ask the server for this monitor queue
 HOST_QUEUE = 1024
 #: pre-built frames, one per scan position (a HOST_GRID x HOST_GRID raster), cycled by uniqueId
@@ -819,21 +826,32 @@ def host_geometry(size: int) -> tuple[int, int | None, int]:
 
 
 def null_model(path: Path, px: int, crop: int | None = None, binning: int = 1,
-               heads: tuple[str, ...] = ("amplitude", "phase")) -> str:
-    """ONNX Identities from the (n, 1, px, px) input to each head: the device without inference.
+               heads: tuple[str, ...] = ("amplitude", "phase"), patch: int | None = HOST_PATCH_PX) -> str:
+    """The device without inference: one ONNX ``Slice`` per head, from the (n, 1, px, px) input to
+    its central ``patch``² pixels (the shipped model's geometry: a 128² input, a 64² patch), or an
+    ``Identity`` when ``patch`` is None or not smaller than px.
 
     ``crop`` and ``binning`` go to the model's ``ptychostream.preprocess`` (they make larger frames
-    px²). benchmarks/soak.py's null model is this one for px 64 with a 64-pixel crop.
+    px²). benchmarks/soak.py's null model is an Identity for px 64 with a 64-pixel crop.
     """
     import onnx
     from onnx import TensorProto, helper
 
     from ptychostream.model.zoo import ir_version_for
 
-    shape: list[int | str] = ["N", 1, px, px]
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], [h]) for h in heads], "null",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, shape) for h in heads])
+    out = px if patch is None or patch >= px else int(patch)
+    inits = []
+    if out < px:
+        lo = (px - out) // 2
+        inits = [helper.make_tensor(name, TensorProto.INT64, [2], vals)
+                 for name, vals in (("starts", [lo, lo]), ("ends", [lo + out, lo + out]), ("axes", [2, 3]))]
+        nodes = [helper.make_node("Slice", ["input", "starts", "ends", "axes"], [h]) for h in heads]
+    else:
+        nodes = [helper.make_node("Identity", ["input"], [h]) for h in heads]
+    graph = helper.make_graph(nodes, "null",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, px, px])],
+                              [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["N", 1, out, out]) for h in heads],
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ptychostream.bench")
     model.ir_version = ir_version_for(17)
     pre: dict[str, int] = {"bin": binning}
@@ -852,7 +870,7 @@ class Producer:
     def __init__(self, net: EpicsNet, size: int, pixel: float, slot: int = 0) -> None:
         env = dict(os.environ)
         env.update(net.server_env(net.slots[slot]))
-        step = HOST_MODEL_PX // 4 * pixel  # patches overlap by three quarters
+        step = HOST_PATCH_PX // 4 * pixel  # the null model's patches overlap by three quarters
         self.proc = subprocess.Popen([sys.executable, "-c", HOST_PRODUCER, str(size), str(HOST_GRID), repr(step)],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -1040,10 +1058,13 @@ def host_step(p: HostPipeline, rate: float, secs: float) -> dict:
     p.rec(BacklogLimit=backlog)
     n = max(4 * p.batch, round(rate * secs))
     s, stitched, unpositioned = p.run_frames(n, rate)
-    ok = host_zero_loss(s, backlog)
+    all_stitched = stitched == n and unpositioned == 0
+    ok = host_zero_loss(s, backlog) and all_stitched
+    why = ("zero loss" if ok else "LOSS" if s.lost or s.counters['Missed'] else
+           "queue over half full" if s.peak_backlog > SUSTAINED_QUEUE * backlog else "NOT ALL STITCHED")
     print(f"[host]   {rate:.0f}/s requested, {s.input_rate:.0f}/s posted: received {s.counters['Received']}/{n}, "
-          f"processed {s.counters['Processed']}, {s.lost_note()}, peak backlog {s.peak_backlog}/{backlog}: "
-          f"{'zero loss' if ok else 'LOSS' if s.lost or s.counters['Missed'] else 'queue over half full'}", flush=True)
+          f"processed {s.counters['Processed']}, stitched {stitched} (unpositioned {unpositioned}), {s.lost_note()}, "
+          f"peak backlog {s.peak_backlog}/{backlog}: {why}", flush=True)
     return {**s.data(), "requested": round(rate, 1), "backlog_limit": backlog, "zero_loss": ok,
             "stitched": stitched, "unpositioned": unpositioned}
 
@@ -1070,6 +1091,7 @@ def bench_host(net: EpicsNet, o: Opts) -> None:
     sizes = o.host_sizes or (HOST_SIZES_QUICK if o.quick else HOST_SIZES)
     n_burst = HOST_BURST_QUICK if o.quick else HOST_BURST
     steps, secs = (HOST_STEPS_QUICK, HOST_STEP_S_QUICK) if o.quick else (HOST_STEPS, HOST_STEP_S)
+    bare_runs = 1 if o.quick else HOST_BARE_RUNS
     table = []
     for size in sizes:
         px, crop, binning = host_geometry(size)
@@ -1078,7 +1100,7 @@ def bench_host(net: EpicsNet, o: Opts) -> None:
         runs = []
         with Producer(net, size, HOST_PIXEL) as prod:
             bare_client(net, prod, min(n_burst, 2000))  # untimed: a fresh producer's first run is slower
-            bare = [bare_client(net, prod, n_burst)]
+            bare = [bare_client(net, prod, n_burst) for _ in range(bare_runs)]
             for receive in o.receive:
                 with HostPipeline(net, path, o, o.batch, backlog=min(1_000_000, max(100_000, 2 * n_burst)),
                                   prod=prod, receive=receive) as p:
@@ -1087,20 +1109,21 @@ def bench_host(net: EpicsNet, o: Opts) -> None:
                     rx_rate = burst.counters["Received"] / max(burst.last_rx - burst.first, 1e-3)
                     print(f"[host] {size}x{size}, --receive {receive}: burst of {n_burst}: received "
                           f"{burst.counters['Received']} at {rx_rate:.0f}/s, {burst.lost_note()}", flush=True)
-                    ceiling0 = bare[0].rate
+                    ceiling0 = float(np.median([b.rate for b in bare[:bare_runs]]))
                     search = host_search(p, 0.9 * min(rx_rate, ceiling0), ceiling0, steps, secs)
                     runs.append((receive, burst, stitched, unpositioned, rx_rate, search, p.backend_used))
-            bare.append(bare_client(net, prod, n_burst))
-        ceiling = float(np.mean([b.rate for b in bare]))
+            bare += [bare_client(net, prod, n_burst) for _ in range(bare_runs)]
+        # the bare client's rate swings by 2x between runs on this box: the median of runs before and after
+        ceiling = float(np.median([b.rate for b in bare]))
         bare_note = " / ".join(f"{b.rate:.0f}/s" for b in bare)
-        bare_rx = float(np.mean([b.received for b in bare]))
+        bare_rx = float(np.median([b.received for b in bare]))
         for receive, burst, stitched, unpositioned, rx_rate, search, backend in runs:
             ok = [r for r in search if r["zero_loss"]]
             best = max(ok, key=lambda r: r["input_rate"]) if ok else None
             sustained = best["input_rate"] if best else 0.0
             what = (f"{size}x{size} uint16 -> {px}x{px} ({pre}), null model, PublishRate 10, stitched, "
                     f"--receive {receive}")
-            note = (f"bare p4p client before / after: {bare_note}; "
+            note = (f"bare p4p client, {bare_runs} runs before and {bare_runs} after (median): {bare_note}; "
                     + (f"at {best['requested']:.0f}/s requested: processed {best['processed']}/{best['sent']}, "
                        f"peak backlog {best['peak_backlog']}/{best['backlog_limit']}, stitched {best['stitched']} "
                        f"(unpositioned {best['unpositioned']}), "
@@ -1413,6 +1436,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--receive", type=_receivers, default=("thread",),
                     help="host: the receivers to measure, comma-separated, each next to the same bare client "
                          "(thread, process; default thread); profile: the last of them")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="the reconstructor's BatchSize and the ceilings' batch (default 32; --quick 16)")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--plot", metavar="FILE.png", help="plot the sweep (rate, loss and latency against input rate)")
     args = ap.parse_args(argv)
@@ -1432,7 +1457,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         o = Opts(quick=args.quick, backend=args.backend, size=args.size, tmp=Path(tmp), fractions=args.fractions,
                  rates=args.rates, step_s=args.step_s, max_rate=args.max_rate, host_sizes=args.host_sizes,
-                 profile_rate=args.profile_rate, receive=args.receive)
+                 profile_rate=args.profile_rate, receive=args.receive, batch_size=args.batch)
         for bench in BENCHES:
             if bench not in only:
                 continue

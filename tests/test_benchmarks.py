@@ -92,6 +92,29 @@ def _host_step_books(d: dict) -> None:
     assert d["lost"] == d["sent"] - d["received"] + d["dropped"] + d["rejected"]
     assert 0 <= d["missed"] <= d["sent"] - d["received"]  # a frame squashed at the very end leaves no gap
     assert d["stitched"] + d["unpositioned"] == d["processed"]
+    if d.get("zero_loss"):  # a paced step counts as lossless only when its mosaic has every frame
+        assert d["stitched"] == d["sent"] and d["unpositioned"] == 0
+
+
+def test_null_model_is_the_central_patch_of_its_input(tmp_path):
+    """The host benchmark's null model has the shipped model's geometry: a 128² input, its central
+    64² as each head's output (an ONNX Slice); inputs no larger than the patch pass whole."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    x = np.random.default_rng(0).random((3, 1, 128, 128), dtype=np.float32)
+    sess = ort.InferenceSession(bench.null_model(tmp_path / "n128.onnx", 128), providers=["CPUExecutionProvider"])
+    amp, phase = sess.run(["amplitude", "phase"], {"input": x})
+    assert phase.shape == amp.shape == (3, 1, 64, 64)
+    np.testing.assert_array_equal(phase, x[:, :, 32:96, 32:96])
+    sess = ort.InferenceSession(bench.null_model(tmp_path / "n64.onnx", 64), providers=["CPUExecutionProvider"])
+    (phase,) = sess.run(["phase"], {"input": x[:, :, :64, :64]})
+    np.testing.assert_array_equal(phase, x[:, :, :64, :64])
 
 
 @pytest.mark.system

@@ -289,3 +289,71 @@ def test_mosaic_images_are_display_sized_and_the_full_canvas_is_on_demand():
     finally:
         stage.stop()
         stage.join(5)
+
+
+def _random_batch(first_uid: int, n: int, rng, skip_every: int = 0):
+    """n frames with random phase and amplitude patches; with ``skip_every``, every such frame
+    carries no position attribute (it never joins), so the joined rows are not consecutive."""
+    import numpy as np
+
+    from ptychostream.core.frames import BatchResult, ImageFrame
+
+    frames = []
+    for uid in range(first_uid, first_uid + n):
+        gone = skip_every and uid % skip_every == 0
+        attrs = {} if gone else {"PositionX": 3e-8 * (uid % 12), "PositionY": 3e-8 * (uid // 12)}
+        frames.append(ImageFrame(np.zeros((0, 0), np.uint8), uid, attributes=attrs))
+    out = {"phase": rng.normal(size=(n, 16, 16)).astype(np.float32),
+           "amplitude": rng.uniform(0.5, 1, size=(n, 16, 16)).astype(np.float32)}
+    return BatchResult(frames, out, np.zeros(n), "m", pixel_m=1e-8)
+
+
+@pytest.mark.parametrize("skip_every", [0, 3])
+def test_patches_reach_the_stitcher_as_batch_rows_with_the_same_sums_as_stacking(skip_every):
+    """The stage hands the stitcher views of the batch outputs, one run of consecutive rows at a
+    time, instead of stacking every patch: the mosaic is the same as stitching the stacked patches
+    of the positioned frames in arrival order, in one go."""
+    import numpy as np
+
+    from ptychostream.mosaic.stitch import Stitcher
+
+    rng = np.random.default_rng(5)
+    stage = MosaicStage(DeviceState(load_db("reconstructor.db")), lambda text, severity: None)
+    batches = [_random_batch(1 + 10 * k, 10, rng, skip_every) for k in range(4)]
+    for b in batches:
+        stage.on_result(b)
+    stage._drain(stage.inbox.get_nowait())
+    keep = [(b.outputs["phase"][i], b.outputs["amplitude"][i],
+             (float(f.attributes["PositionY"]), float(f.attributes["PositionX"])))
+            for b in batches for i, f in enumerate(b.frames) if f.attributes]
+    ref = Stitcher(1e-8, (16, 16), offset=stage.settings.offset)
+    ref.add(np.stack([k[0] for k in keep]), np.array([k[2] for k in keep]), np.stack([k[1] for k in keep]))
+    assert stage.stitcher is not None and stage.stitcher.n_patches == len(keep) == (40 if not skip_every else 27)
+    got, want = stage.stitcher.mosaic(), ref.mosaic()  # the canvas may be allocated differently
+    assert got.origin_m == want.origin_m and got.shape == want.shape
+    np.testing.assert_array_equal(got.phase, want.phase)
+    np.testing.assert_array_equal(got.amplitude, want.amplitude)
+    np.testing.assert_array_equal(got.coverage, want.coverage)
+
+
+def test_consecutive_rows_of_one_batch_are_a_view_not_a_copy():
+    import numpy as np
+
+    from ptychostream.pipeline.stitch import _Patch, _runs
+
+    phase = np.arange(6 * 4, dtype=np.float32).reshape(6, 2, 2)
+    amp = -phase
+    src = (phase, amp)
+    rows = [_Patch(phase[i], amp[i], 0.0, 1e-8, src=src, row=i) for i in range(6)]
+    ((i0, i1, ph, am),) = _runs(rows[1:4])
+    assert (i0, i1) == (0, 3) and np.shares_memory(ph, phase) and np.shares_memory(am, amp)
+    np.testing.assert_array_equal(ph, phase[1:4])
+    np.testing.assert_array_equal(am, amp[1:4])
+    loose = [_Patch(np.full((2, 2), -k, np.float32), np.full((2, 2), k, np.float32), 0.0, 1e-8) for k in (1, 2)]
+    runs = _runs([rows[1], rows[2], loose[0], loose[1], rows[4], rows[3]])
+    assert [(i0, i1) for i0, i1, _, _ in runs] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert not np.shares_memory(runs[1][2], phase)
+    np.testing.assert_array_equal(np.concatenate([r[2] for r in runs]),
+                                  np.stack([phase[1], phase[2], loose[0].phase, loose[1].phase, phase[4], phase[3]]))
+    np.testing.assert_array_equal(np.concatenate([r[3] for r in runs]),
+                                  np.stack([amp[1], amp[2], loose[0].amplitude, loose[1].amplitude, amp[4], amp[3]]))

@@ -73,6 +73,7 @@ A Stitcher is not thread-safe: call it from one thread (or hold a lock).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -394,31 +395,45 @@ class Stitcher:
     def _buf(self, name: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
         """Reusable scratch array (avoids page-faulting fresh temporaries every batch)."""
         dtype = np.dtype(self.dtype if dtype is None else dtype)
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         b = self._ws.get(name)
         if b is None or b.size < size or b.dtype != dtype:
             b = np.empty(size, dtype)
             self._ws[name] = b
         return b[:size].reshape(shape)
 
-    def _bilinear_blocks(self, P: np.ndarray, ay: np.ndarray, ax: np.ndarray,
+    def _padded(self, n: int) -> np.ndarray:
+        """Scratch (n, h+1, w+1) with a zero last row and column; the patches go in ``[:, :h, :w]``."""
+        h, w = self.patch_shape
+        Z = self._buf("Z", (n, h + 1, w + 1))
+        Z[:, h] = 0
+        Z[:, :h, w] = 0
+        return Z
+
+    def _bilinear_blocks(self, Z: np.ndarray, ay: np.ndarray, ax: np.ndarray,
                          out: str = "Q") -> np.ndarray:
-        """Fold the 4 bilinear corners of each (h, w) patch into one (h+1, w+1) block."""
-        n, h, w = P.shape
+        """Fold the 4 bilinear corners of each patch into one (h+1, w+1) block.
+
+        ``Z`` is :meth:`_padded` with the patches in its top-left (h, w). On the flattened blocks a
+        shift by one row is a shift by w+1 elements and a shift by one column a shift by one, and
+        the zero row and column end each shift at the patch's edge: two contiguous multiply-adds.
+        """
+        n, h1, w1 = Z.shape
+        L = h1 * w1
         dt = self.dtype
-        ay = ay.astype(dt)[:, None, None]
-        ax = ax.astype(dt)[:, None, None]
-        T = self._buf("T", (n, h + 1, w))
-        tmp = self._buf("tmp", (n, h + 1, w))
-        np.multiply(P, 1 - ay, out=T[:, :h])
-        T[:, h] = 0
-        np.multiply(P, ay, out=tmp[:, :h])
-        T[:, 1:] += tmp[:, :h]
-        Q = self._buf(out, (n, h + 1, w + 1))
-        np.multiply(T, 1 - ax, out=Q[:, :, :w])
-        Q[:, :, w] = 0
-        np.multiply(T, ax, out=tmp)
-        Q[:, :, 1:] += tmp
+        ay = ay.astype(dt)[:, None]
+        ax = ax.astype(dt)[:, None]
+        z = Z.reshape(n, L)
+        T = self._buf("T", (n, L))
+        tmp = self._buf("tmp", (n, L))
+        np.multiply(z, 1 - ay, out=T)
+        np.multiply(z[:, :L - w1], ay, out=tmp[:, :L - w1])
+        T[:, w1:] += tmp[:, :L - w1]
+        Q = self._buf(out, (n, h1, w1))
+        q = Q.reshape(n, L)
+        np.multiply(T, 1 - ax, out=q)
+        np.multiply(T[:, :L - 1], ax, out=tmp[:, :L - 1])
+        q[:, 1:] += tmp[:, :L - 1]
         return Q
 
     def _weight_blocks(self, ay: np.ndarray, ax: np.ndarray) -> np.ndarray:
@@ -459,10 +474,9 @@ class Stitcher:
             o = np.where(ok, num / np.where(ok, den, 1.0), 0.0).astype(self.dtype)
             Q -= o[:, None, None] * Wb
 
-    def _prepare(self, phase: np.ndarray) -> np.ndarray:
-        """Windowed, offset-corrected phase (n, h, w) in a scratch buffer."""
-        n = phase.shape[0]
-        P = self._buf("P", (n,) + self.patch_shape)
+    def _prepare(self, phase: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Windowed, offset-corrected phase (n, h, w), written into ``out``."""
+        P = out
         np.multiply(phase, self._win, out=P, casting="unsafe")
         if self.offset != "none":
             mean = P.sum(axis=(1, 2)) / np.float32(self._win_sum)
@@ -470,6 +484,12 @@ class Stitcher:
             tmp = self._buf("tmp", P.shape)
             np.multiply(mean[:, None, None], self._win, out=tmp)
             P -= tmp
+        return P
+        # (phase - its window-weighted mean) x window, in two passes over the patches
+        mean = np.einsum("nij,ij->n", phase, self._win, dtype=np.float64) / self._win_sum
+        mean = np.where(np.isfinite(mean), mean, 0.0).astype(self.dtype)
+        np.subtract(phase, mean[:, None, None], out=P, casting="unsafe")
+        P *= self._win
         return P
 
     def _splat_chunk(self, phase: np.ndarray | None, amplitude: np.ndarray | None, values: np.ndarray | None,
@@ -484,17 +504,21 @@ class Stitcher:
         m = ay.shape[0]
         h, w = self.patch_shape
         Wb = self._weight_blocks(ay, ax)
+        A = None
         if phase is not None:
-            Q = self._bilinear_blocks(self._prepare(phase), ay, ax)
+            # phase and amplitude go through one bilinear fold, stacked
+            both = amplitude is not None and self.num_amp is not None
+            Z = self._padded(2 * m if both else m)
+            self._prepare(phase, Z[:m, :h, :w])
+            if both:
+                np.multiply(amplitude, self._win, out=Z[m:, :h, :w], casting="unsafe")
+                ay, ax = np.concatenate([ay, ay]), np.concatenate([ax, ax])
+            QQ = self._bilinear_blocks(Z, ay, ax)
+            Q, A = (QQ[:m], QQ[m:]) if both else (QQ, None)
         else:
             assert values is not None
             Q = self._buf("Q", Wb.shape)
             np.multiply(Wb, values[:, None, None], out=Q)
-        A = None
-        if amplitude is not None and self.num_amp is not None:
-            Pa = self._buf("Pa", (m,) + self.patch_shape)
-            np.multiply(amplitude, self._win, out=Pa, casting="unsafe")
-            A = self._bilinear_blocks(Pa, ay, ax, out="QA")
         num, wt, amp, wamp = self.num_phase, self.weight, self.num_amp, self.weight_amp
         overlap = self.offset == "overlap"
         step = max(1, self.overlap_chunk) if overlap else m
@@ -701,13 +725,14 @@ class Stitcher:
             raise ValueError(f"patch shape {ph.shape} != {self.patch_shape}")
         if not np.isfinite(pos).all():
             raise ValueError("non-finite position")
-        P = self._prepare(ph[None])
+        h, w = self.patch_shape
+        Z = self._padded(1)
+        self._prepare(ph[None], Z[:, :h, :w])
         fy, fx, ay, ax = self._corners(pos.copy())
-        Q = self._bilinear_blocks(P, ay, ax)
+        Q = self._bilinear_blocks(Z, ay, ax)
         Wb = self._weight_blocks(ay, ax)
         AH, AW = self.num_phase.shape
         ry, rx = int(fy[0]) - self._oy, int(fx[0]) - self._ox
-        h, w = self.patch_shape
         if (self.offset == "overlap" and ry >= 0 and rx >= 0
                 and ry + h + 1 <= AH and rx + w + 1 <= AW):
             self._reconcile(Q, Wb, [ry], [rx])

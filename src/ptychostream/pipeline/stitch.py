@@ -71,6 +71,33 @@ class _Patch:
     pixel_m: float | None
     #: the frame's physics-consistency figure (NaN: not sampled)
     consistency: float = float("nan")
+    #: the batch output the phase (and amplitude) came from, and the frame's row in it: consecutive
+    #: rows of one batch are handed to the stitcher as a view, not stacked again patch by patch
+    src: tuple[np.ndarray, np.ndarray | None] | None = None
+    row: int = -1
+
+
+def _runs(patches: list["_Patch"]) -> list[tuple[int, int, np.ndarray, np.ndarray | None]]:
+    """The patches, in order, as runs ``(start, end, phase, amplitude)``: consecutive rows of one
+    batch's output are a view of it (no copy); other patches next to each other are stacked."""
+    out: list[tuple[int, int, np.ndarray, np.ndarray | None]] = []
+    start = 0
+    for i in range(1, len(patches) + 1):
+        a, b = patches[i - 1], patches[i] if i < len(patches) else None
+        if b is not None and (b.src is None) == (a.src is None) and (
+                a.src is None or (b.src is not None and b.src[0] is a.src[0] and b.row == a.row + 1)):
+            continue
+        first = patches[start]
+        if first.src is not None:
+            amp = first.src[1]
+            out.append((start, i, first.src[0][first.row:a.row + 1],
+                        None if amp is None else amp[first.row:a.row + 1]))
+        else:
+            loose = patches[start:i]
+            out.append((start, i, np.stack([p.phase for p in loose]),
+                        None if first.amplitude is None else np.stack([p.amplitude for p in loose])))  # type: ignore[misc]
+        start = i
+    return out
 
 
 class MosaicStage(threading.Thread):
@@ -287,8 +314,9 @@ class MosaicStage(threading.Thread):
             return []
         amp = result.outputs.get("amplitude")
         figure = result.consistency
+        src = (phase, amp)
         items = [_Patch(phase[i], None if amp is None else amp[i], f.timestamp, result.pixel_m,
-                        float("nan") if figure is None else float(figure[i]))
+                        float("nan") if figure is None else float(figure[i]), src, i)
                  for i, f in enumerate(result.frames)]
         uids = [f.unique_id for f in result.frames]
         positions = self._frame_positions(result)
@@ -364,11 +392,10 @@ class MosaicStage(threading.Thread):
             self.stitcher = Stitcher(pixel, shape, extent_m=st.extent_m, offset=st.offset,
                                      max_canvas_px=8192)
             self.consistency = None
-        phase = np.stack([p.phase for _, p, _ in ready])
-        amps = [p.amplitude for _, p, _ in ready if p.amplitude is not None]
-        amp = np.stack(amps) if len(amps) == len(ready) else None
         pos = np.array([q for _, _, q in ready], dtype=np.float64)
-        accepted = self.stitcher.add(phase, pos, amp)
+        accepted = 0
+        for i0, i1, phase, amp in _runs([p for _, p, _ in ready]):  # views of the batches, in order
+            accepted += self.stitcher.add(phase, pos[i0:i1], amp)
         self.stitch_rejects += len(ready) - accepted
         self._stitch_consistency(np.array([p.consistency for _, p, _ in ready], dtype=np.float32), pos)
         self._latest = (ready[-1][1], ready[-1][2])
