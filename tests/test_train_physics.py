@@ -374,3 +374,18 @@ def test_phase_anchor_is_the_squared_probe_weighted_mean_phase():
     assert float(loss.anchor(centred)) < 1e-10
     shifted = centred + torch.tensor([0.5, -1.0, 2.0])[:, None, None]
     assert float(loss.anchor(shifted)) == pytest.approx((0.25 + 1.0 + 4.0) / 3, rel=1e-5)
+
+
+def test_wrap_penalty_sees_wrapped_levels_not_smooth_edges():
+    """--wrap-weight: a two-level object whose upper level is wrapped by 2π costs a lot; the same
+    object unwrapped, with its 2.8 rad edge spread over a few pixels as a network draws it, costs nothing."""
+    from scipy.ndimage import gaussian_filter
+
+    modes = probe_modes()
+    loss = PoissonLoss(modes, Preprocess(), 16)
+    levels = np.zeros((16, 16), np.float32)
+    levels[:, 8:] = 2.8
+    smooth = gaussian_filter(levels, 1.0).astype(np.float32) - 1.0  # -1 .. 1.8 rad, an edge of ~1 rad/px
+    wrapped = np.where(smooth > 1.0, smooth - 2 * np.pi, smooth).astype(np.float32)
+    assert float(loss.wraps(torch.from_numpy(smooth[None]))) == 0.0
+    assert float(loss.wraps(torch.from_numpy(wrapped[None]))) > 0.1

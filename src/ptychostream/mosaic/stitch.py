@@ -510,7 +510,7 @@ class Stitcher:
             both = amplitude is not None and self.num_amp is not None
             Z = self._padded(2 * m if both else m)
             self._prepare(phase, Z[:m, :h, :w])
-            if both:
+            if amplitude is not None and both:
                 np.multiply(amplitude, self._win, out=Z[m:, :h, :w], casting="unsafe")
                 ay, ax = np.concatenate([ay, ay]), np.concatenate([ax, ax])
             QQ = self._bilinear_blocks(Z, ay, ax)

@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         scan_side=args.scan_side, physics_group=args.physics_group, budget_clock=args.budget_clock,
         physics_context=args.physics_context, context_every=args.context_every,
         physics_frame=args.physics_frame, select=args.select, select_frames=args.select_frames,
-        overlap_norm=args.overlap_norm, phase_anchor=args.phase_anchor,
+        overlap_norm=args.overlap_norm, phase_anchor=args.phase_anchor, wrap_weight=args.wrap_weight,
     )
 
 
@@ -218,6 +218,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--phase-anchor", type=float, default=d.phase_anchor,
                    help="weight of each patch's squared probe-weighted mean phase (default 0: off); the frames "
                         "leave the absolute phase free, and a mean drifting to +-pi clips the bounded phase head")
+    g.add_argument("--wrap-weight", type=float, default=d.wrap_weight,
+                   help="weight of a penalty on phase jumps between neighbouring output pixels above pi/2 "
+                        "(default 0: off): the frames see the phase modulo 2 pi, and a fine-tune may wrap the "
+                        "object's upper level, which the stitcher then averages into a blur")
     g.add_argument("--select", default=d.select, choices=SELECT_FIGURES,
                    help="export the checkpoint with the lowest validation figure instead of the last one: the "
                         "run's loss, the Poisson deviance or the overlap disagreement (default none); with "

@@ -132,6 +132,8 @@ class TrainConfig:
     #: weight of the squared probe-weighted mean phase of each patch (physics loss; keeps the bounded phase
     #: head away from ±π, where the frames leave the absolute phase free)
     phase_anchor: float = 0.0
+    #: weight of the penalty on phase jumps between neighbouring output pixels above pi/2 (phase wraps)
+    wrap_weight: float = 0.0
     #: export the checkpoint with the lowest validation figure (``SELECT_FIGURES``) instead of the last one;
     #: with the physics loss, ``select_frames`` training-side frames are kept out of the batches for it
     select: str = "none"

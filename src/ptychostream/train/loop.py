@@ -300,6 +300,9 @@ def _step_loss(torch: Any, cfg: TrainConfig, physics: Any, outs: tuple, b: dict[
             if cfg.phase_anchor > 0:
                 parts["anchor"] = physics.anchor(outs[list(heads).index("phase")].float()[rows][:, 0])
                 total = total + cfg.phase_anchor * parts["anchor"]
+            if cfg.wrap_weight > 0:
+                parts["wrap"] = physics.wraps(outs[list(heads).index("phase")].float()[rows][:, 0])
+                total = total + cfg.wrap_weight * parts["wrap"]
     return total, parts
 
 
@@ -318,6 +321,8 @@ def _describe_loss(cfg: TrainConfig, heads: Sequence[str], physics: Any) -> str:
                      + (" (power-normalised)" if cfg.overlap_norm == "power" else ""))
     if physics is not None and cfg.phase_anchor > 0:
         words.append(f"{cfg.phase_anchor:g} x squared probe-weighted mean phase of each patch")
+    if physics is not None and cfg.wrap_weight > 0:
+        words.append(f"{cfg.wrap_weight:g} x squared phase jumps between neighbouring pixels above pi/2")
     return " + ".join(words)
 
 
@@ -364,6 +369,7 @@ def _select_figure(cfg: TrainConfig, v: dict[str, float]) -> float:
     total = 0.0
     for k, x in v.items():
         w = {"poisson": cfg.physics_weight, "overlap": cfg.overlap_weight, "anchor": cfg.phase_anchor,
+             "wrap": cfg.wrap_weight,
              "amplitude": cfg.supervised_weight * cfg.amp_weight}.get(k, cfg.supervised_weight)
         total += w * float(x)
     return total
@@ -591,7 +597,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
                 n_lab = len(chunk.x) if chunk.labelled is None else int(np.sum(chunk.labelled))
                 n_phys = 0 if chunk.counts is None else int(np.isfinite(chunk.counts[:, 0, 0]).sum())
                 for k, v in parts.items():
-                    k_rows = n_phys if k in ("poisson", "overlap", "anchor") else n_lab
+                    k_rows = n_phys if k in ("poisson", "overlap", "anchor", "wrap") else n_lab
                     sums[k] = sums.get(k, 0.0) + float(v) * k_rows
                     rows[k] = rows.get(k, 0) + k_rows
         net.train()
@@ -784,7 +790,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
     if physics is not None:
         summary["physics"] = dict(physics.describe(), supervised_weight=cfg.supervised_weight,
                                   physics_weight=cfg.physics_weight, overlap_weight=cfg.overlap_weight,
-                                  phase_anchor=cfg.phase_anchor)
+                                  phase_anchor=cfg.phase_anchor, wrap_weight=cfg.wrap_weight)
     meta = {
         "ptychostream.name": cfg.name or out_path.stem,
         "ptychostream.preprocess": facts["pre"].to_json(),

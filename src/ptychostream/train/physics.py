@@ -56,6 +56,9 @@ def _roll_reverse(a: np.ndarray, axis: int) -> np.ndarray:
     return np.roll(np.flip(a, axis=axis), 1, axis=axis)
 
 
+#: the phase jump between neighbouring output pixels (rad) above which --wrap-weight penalises
+WRAP_STEP = float(np.pi / 2)
+
 @dataclass(frozen=True)
 class FrameGeometry:
     """Where each pixel of the network's input comes from in the canonical (centred, oriented) frame.
@@ -296,6 +299,22 @@ class PoissonLoss:
         mean = (phase * self.light).sum(dim=(-2, -1)) / self.light.sum()
         return (mean ** 2).mean()
 
+    def wraps(self, phase: Any, step: float = WRAP_STEP) -> Any:
+        """Probe-weighted mean of ``relu(|jump| - step)**2`` over the jumps between neighbouring pixels of
+        each patch (``phase`` (n, o, o) the phase head's output).
+
+        The frames see the phase only modulo 2π, so a fine-tune may wrap the upper level of an object to
+        the bottom of the bounded head's range; the stitcher averages phase values, and a wrapped patch
+        blurs the mosaic. A wrap is a jump of nearly 2π between neighbours; the network's outputs spread
+        a real edge over a few pixels, so jumps above ``step`` (π/2 per pixel) are what this term sees."""
+        torch = self.torch
+        w = self.light
+        dy, dx = phase[:, 1:, :] - phase[:, :-1, :], phase[:, :, 1:] - phase[:, :, :-1]
+        wy, wx = torch.minimum(w[1:, :], w[:-1, :]), torch.minimum(w[:, 1:], w[:, :-1])
+        pen = ((torch.relu(dy.abs() - step) ** 2 * wy).sum(dim=(-2, -1))
+               + (torch.relu(dx.abs() - step) ** 2 * wx).sum(dim=(-2, -1))) / (wy.sum() + wx.sum())
+        return pen.mean()
+
     def overlap(self, patches: Any, positions_m: Any, max_pairs: int = 256) -> Any:
         """Mean squared complex difference of overlapping patches (see the module docstring); 0 if none.
 
@@ -504,7 +523,7 @@ class WithFrames:
 # --------------------------------------------------------------------------- sources for train()
 def check_weights(cfg: TrainConfig) -> None:
     """TrainError for loss weights that are negative, not finite, or all zero."""
-    for name in ("supervised_weight", "physics_weight", "overlap_weight", "phase_anchor"):
+    for name in ("supervised_weight", "physics_weight", "overlap_weight", "phase_anchor", "wrap_weight"):
         v = float(getattr(cfg, name))
         if not (math.isfinite(v) and v >= 0):
             raise TrainError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(cfg, name)!r}")
