@@ -410,8 +410,7 @@ class Stitcher:
         Z[:, :h, w] = 0
         return Z
 
-    def _bilinear_blocks(self, Z: np.ndarray, ay: np.ndarray, ax: np.ndarray,
-                         out: str = "Q") -> np.ndarray:
+    def _bilinear_blocks(self, Z: np.ndarray, ay: np.ndarray, ax: np.ndarray) -> np.ndarray:
         """Fold the 4 bilinear corners of each patch into one (h+1, w+1) block.
 
         ``Z`` is :meth:`_padded` with the patches in its top-left (h, w). On the flattened blocks a
@@ -429,7 +428,7 @@ class Stitcher:
         np.multiply(z, 1 - ay, out=T)
         np.multiply(z[:, :L - w1], ay, out=tmp[:, :L - w1])
         T[:, w1:] += tmp[:, :L - w1]
-        Q = self._buf(out, (n, h1, w1))
+        Q = self._buf("Q", (n, h1, w1))
         q = Q.reshape(n, L)
         np.multiply(T, 1 - ax, out=q)
         np.multiply(T[:, :L - 1], ax, out=tmp[:, :L - 1])
@@ -484,12 +483,6 @@ class Stitcher:
             tmp = self._buf("tmp", P.shape)
             np.multiply(mean[:, None, None], self._win, out=tmp)
             P -= tmp
-        return P
-        # (phase - its window-weighted mean) x window, in two passes over the patches
-        mean = np.einsum("nij,ij->n", phase, self._win, dtype=np.float64) / self._win_sum
-        mean = np.where(np.isfinite(mean), mean, 0.0).astype(self.dtype)
-        np.subtract(phase, mean[:, None, None], out=P, casting="unsafe")
-        P *= self._win
         return P
 
     def _splat_chunk(self, phase: np.ndarray | None, amplitude: np.ndarray | None, values: np.ndarray | None,

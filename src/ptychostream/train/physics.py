@@ -59,6 +59,7 @@ def _roll_reverse(a: np.ndarray, axis: int) -> np.ndarray:
 #: the phase jump between neighbouring output pixels (rad) above which --wrap-weight penalises
 WRAP_STEP = float(np.pi / 2)
 
+
 @dataclass(frozen=True)
 class FrameGeometry:
     """Where each pixel of the network's input comes from in the canonical (centred, oriented) frame.
