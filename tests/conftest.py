@@ -66,9 +66,32 @@ def ctx():
         yield c
 
 
+#: every IOC subprocess started in this session; a failed test's report shows the logs of those running
+_IOCS: list[_IOCProcess] = []
+LOG_TAIL_LINES = 40
+
+
 def IOCProcess(args: list[str], prefix: str, slot: Slot) -> _IOCProcess:
     """An IOC subprocess on the test network."""
-    return _IOCProcess(list(args), prefix, slot, NET)
+    proc = _IOCProcess(list(args), prefix, slot, NET)
+    _IOCS[:] = [p for p in _IOCS if p.proc is None or p.proc.poll() is None]  # the stopped ones' logs go
+    _IOCS.append(proc)
+    return proc
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test's report ends with the last lines that each running IOC printed (a CI log is
+    often all there is to go on)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for proc in _IOCS:
+        if proc.proc is not None and proc.proc.poll() is None:
+            tail = "\n".join(proc.output[-LOG_TAIL_LINES:])
+            report.sections.append((f"IOC {' '.join(proc.args)} (slot CA {proc.slot.ca}): last "
+                                    f"{LOG_TAIL_LINES} lines", tail))
 
 
 def next_slot() -> Slot:

@@ -84,16 +84,30 @@ def ioc(ioc_process, ctx, startup):
     return ioc_process
 
 
+def _sync_ca(call, *args, **kw):
+    """One call of caproto's sync client, which opens a new TCP circuit for each read or write: a
+    circuit closed while it is set up (seen once on a loaded CI box, the IOC up and serving) is
+    opened once more, as libca reconnects; the call's answer is what the test checks."""
+    from caproto import CaprotoError
+
+    try:
+        return call(*args, repeater=False, timeout=5, **kw)
+    except CaprotoError as exc:
+        if "Disconnected during initialization" not in str(exc):
+            raise
+        return call(*args, repeater=False, timeout=5, **kw)
+
+
 def ca_get(name, **kw):
     from caproto.sync.client import read
 
-    return read(name, repeater=False, timeout=5, **kw)
+    return _sync_ca(read, name, **kw)
 
 
 def ca_put(name, value, **kw):
     from caproto.sync.client import write
 
-    return write(name, value, repeater=False, timeout=5, notify=True, **kw)
+    return _sync_ca(write, name, value, notify=True, **kw)
 
 
 def ca_value(spec, response):
