@@ -40,6 +40,11 @@ over the batch's bounding box is slower; slice-adds need no index arrays, and th
 reads the canvas under each patch as views instead of gathering it (3x faster). :meth:`Stitcher.add_values` splats one
 value per patch (a map of a per-frame figure) at the cost of the weights alone.
 
+Where numba is installed, float32 canvases with the ``mean`` or ``none`` offset are splatted by a
+compiled kernel instead (:mod:`ptychostream.mosaic._splat`: one call per chunk, the GIL released,
+the same sums within float32 rounding); ``Stitcher.compiled`` says which serves, and setting it
+False keeps numpy's version.
+
 Every change is also recorded as a dirty box per reader (:meth:`Stitcher.take_dirty`), so a
 display-sized view (:mod:`ptychostream.mosaic.display`) is updated where patches landed.
 
@@ -78,10 +83,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MosaicImage", "Stitcher", "make_window"]
+from ptychostream.mosaic import _splat
+
+__all__ = ["MosaicImage", "Stitcher", "make_window", "splat_kernel_status", "warm_up_splat_kernel"]
 
 WINDOWS = ("hann", "gaussian", "flat", "tukey")
 OFFSETS = ("mean", "overlap", "none")
+
+
+def warm_up_splat_kernel() -> None:
+    """Load (or compile) the compiled splat in a background thread, so that a first batch need not wait."""
+    _splat.warm_up()
+
+
+def splat_kernel_status() -> str:
+    """"compiled" when the compiled splat serves, else why numpy's version does (compiles if not yet tried)."""
+    return "compiled" if _splat.available() else f"numpy ({_splat.unavailable_reason()})"
 
 
 def _window_1d(kind: str, n: int) -> np.ndarray:
@@ -197,6 +214,9 @@ class Stitcher:
         self._win_sum = float(np.outer(wy, wx).sum())
         self._ws: dict[str, np.ndarray] = {}
         self._outs: dict[str, np.ndarray] = {}
+        #: splat with the compiled kernel where it can (numba installed, float32, offset mean or none)
+        self.compiled = True
+        self._pad: np.ndarray | None = None
         self._flip = 0
         #: patches splatted per vectorised step (bounds the scratch memory)
         self.chunk = 64
@@ -485,6 +505,27 @@ class Stitcher:
             P -= tmp
         return P
 
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether patches are splatted by the compiled kernel (see ``compiled``)."""
+        return (self.compiled and self.offset != "overlap" and self.dtype == np.float32
+                and _splat.available())
+
+    def _splat_compiled(self, phase: np.ndarray, amplitude: np.ndarray | None, ay: np.ndarray, ax: np.ndarray,
+                        ry: list[int], rx: list[int]) -> None:
+        h, w = self.patch_shape
+        if self._pad is None:
+            self._pad = np.zeros((3, h + 2, w + 2), np.float32)
+            self._pad[1, 1:h + 1, 1:w + 1] = self._win
+        f32 = np.float32
+        _splat.splat(np.ascontiguousarray(phase, f32),
+                     None if amplitude is None else np.ascontiguousarray(amplitude, f32),
+                     self._win, self._pad, self._win_sum, self.offset == "mean",
+                     np.ascontiguousarray(ay, np.float64), np.ascontiguousarray(ax, np.float64),
+                     np.asarray(ry, np.int64), np.asarray(rx, np.int64), self.num_phase, self.weight,
+                     None if amplitude is None else self.num_amp,
+                     None if amplitude is None else self.weight_amp)
+
     def _splat_chunk(self, phase: np.ndarray | None, amplitude: np.ndarray | None, values: np.ndarray | None,
                      ay: np.ndarray, ax: np.ndarray, ry: list[int], rx: list[int]) -> None:
         """Splat accepted patches: window, offset and bilinear fold for all of them at once, then
@@ -494,6 +535,9 @@ class Stitcher:
         offset="overlap" each step of ``overlap_chunk`` patches is first matched to the canvas
         that the steps before it made. ``values`` (one per patch) stand for constant patches.
         """
+        if phase is not None and self.uses_kernel:
+            self._splat_compiled(phase, amplitude, ay, ax, ry, rx)
+            return
         m = ay.shape[0]
         h, w = self.patch_shape
         Wb = self._weight_blocks(ay, ax)

@@ -26,7 +26,7 @@ from ptychostream.mosaic.positions import (
     TimestampMatcher,
     trajectory_from_file,
 )
-from ptychostream.mosaic.stitch import OFFSETS, MosaicImage, Stitcher
+from ptychostream.mosaic.stitch import OFFSETS, MosaicImage, Stitcher, warm_up_splat_kernel
 
 __all__ = ["MosaicStage", "SOURCES"]
 
@@ -138,6 +138,7 @@ class MosaicStage(threading.Thread):
         self._told_no_pixel = False
         if "MosaicBinning_RBV" in device.db:
             device.set("MosaicBinning_RBV", 1)
+        warm_up_splat_kernel()  # ready before the first batch
 
     # -- any thread ---------------------------------------------------------------
     def on_result(self, result: BatchResult) -> None:

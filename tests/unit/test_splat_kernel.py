@@ -1,0 +1,69 @@
+"""The compiled splat (mosaic/_splat.py) against numpy's version of the same Stitcher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptychostream.mosaic.stitch import Stitcher, splat_kernel_status
+
+PX = 1e-8
+
+
+def test_the_compiled_splat_serves():
+    """numba is a dependency: the kernel compiles (or loads from its cache) and the stitcher uses it."""
+    assert splat_kernel_status() == "compiled"
+    assert Stitcher(PX, (16, 16)).uses_kernel and Stitcher(PX, (16, 16), offset="none").uses_kernel
+    assert not Stitcher(PX, (16, 16), offset="overlap").uses_kernel  # numpy's (it reads the canvas)
+    assert not Stitcher(PX, (16, 16), dtype=np.float64).uses_kernel
+
+
+def _pair(offset: str, **kw) -> tuple[Stitcher, Stitcher]:
+    ref, fast = Stitcher(PX, (24, 20), offset=offset, **kw), Stitcher(PX, (24, 20), offset=offset, **kw)
+    ref.compiled = False
+    return ref, fast
+
+
+def _same(ref: Stitcher, fast: Stitcher) -> None:
+    assert fast.uses_kernel and not ref.uses_kernel
+    assert ref.counts == fast.counts and ref.exposed_box == fast.exposed_box and ref.n_patches == fast.n_patches
+    for name in ("num_phase", "weight", "num_amp", "weight_amp"):
+        a, b = getattr(ref, name), getattr(fast, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            scale = float(np.abs(a).max()) or 1.0
+            np.testing.assert_allclose(b, a, rtol=0, atol=2e-6 * scale, err_msg=name)
+    ma, mb = ref.mosaic(), fast.mosaic()
+    np.testing.assert_allclose(mb.phase, ma.phase, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("offset", ["mean", "none"])
+@pytest.mark.parametrize("extent", [None, (-40 * PX, 40 * PX, -50 * PX, 50 * PX)])
+def test_compiled_and_numpy_splats_agree(offset, extent):
+    """Batches with and without amplitude (so amplitude gets its own weight plane), a NaN patch, a NaN
+    and an out-of-range position (rejected alike), sub-pixel positions, a growing or a fixed canvas."""
+    rng = np.random.default_rng(7)
+    ref, fast = _pair(offset, extent_m=extent)
+    for b in range(6):
+        n = 13
+        phase = rng.standard_normal((n, 24, 20)).astype(np.float32) + 2.0
+        amp = rng.random((n, 24, 20)).astype(np.float32) if b % 3 != 1 else None
+        pos = (rng.random((n, 2)) - 0.5) * 70 * PX
+        phase[4, 3, 3] = np.nan
+        pos[6] = np.nan
+        pos[7] = (1e-3, 0.0)  # far off: out of a fixed extent, or over max_canvas_px when growing
+        for s in (ref, fast):
+            s.add(phase, pos, amp)
+    assert ref.counts["stitched"] == 6 * 10 and ref.weight_amp is not None
+    _same(ref, fast)
+
+
+def test_strided_and_float64_patches_are_splatted_alike():
+    """The stitch stage hands views of a batch's rows; a float64 or strided batch takes the same path."""
+    rng = np.random.default_rng(8)
+    big = rng.standard_normal((10, 48, 40))
+    pos = (rng.random((10, 2)) - 0.5) * 30 * PX
+    ref, fast = _pair("mean")
+    ref.add(np.ascontiguousarray(big[:, ::2, ::2], np.float32), pos)
+    fast.add(big[:, ::2, ::2], pos)  # float64, not contiguous
+    _same(ref, fast)
