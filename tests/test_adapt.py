@@ -314,7 +314,7 @@ def test_adapt_offline_writes_the_report_and_decides(scan_files, tmp_path):
     with open_model(new, backend="ONNXRuntime-CPU", threads=1) as m:
         assert m.info.pixel_m == pytest.approx(scan_files["pixel"])
         assert m.info.training["init"]["sha256"] == before
-        assert m.info.metadata["ptychostream.stitch"] == json.dumps({"offset": "mean", "window": "hann"})
+        assert m.info.metadata["ptychostream.stitch"] == json.dumps({"offset": "mean", "window": "hann", "domain": "phase"})
     # a margin no model can meet: not better, exit 0 with the reason
     rc = run_cli(str(scan_files["scan"]), "--reference", str(scan_files["ref"]), "--init", str(scan_files["serving"]),
                  "--out", str(out), "--status-file", str(status), "--mode", "mixed", "--mix", "0.5", "--epochs", "1",

@@ -481,7 +481,7 @@ def test_display_view_binned_incrementally_equals_binned_from_scratch(extent):
     y0, _, x0, _ = st.exposed_box
     by, bx = np.argwhere(d.mask & (d.coverage > 0.5))[0]  # a well-covered bin
     gy, gx = (y0 // b + by) * b, (x0 // b + bx) * b  # its first canvas pixel (global)
-    num, wt, _, _ = st.planes((max(gy, y0), gy + b, max(gx, x0), gx + b))
+    num, wt, _, _, _ = st.planes((max(gy, y0), gy + b, max(gx, x0), gx + b))
     assert d.phase[by, bx] == pytest.approx(float(num.sum()) / float(wt.sum()), rel=1e-4)
     assert d.pixel_m == pytest.approx(b * PX)
 

@@ -209,3 +209,36 @@ def test_mask_files_npy_npz_and_hdf5(tmp_path):
         with pytest.raises(FileFormatError, match=words) as info:
             load_mask(str(tmp_path / path))
         assert path.split("::")[0] in str(info.value)
+
+
+def test_a_models_stitch_hint_sets_offset_and_domain(rec, tmp_path):
+    """A model's ``ptychostream.stitch`` hint sets MosaicOffset and MosaicDomain (each with a message);
+    a hint without a domain means the phase domain, and a model without a hint changes neither."""
+    import json
+
+    d = rec.device
+    pre = Preprocess(crop_size=32, bin=1).to_json()
+
+    def hinted(name: str, hint: dict | None) -> str:
+        meta = {"ptychostream.preprocess": pre}
+        if hint is not None:
+            meta["ptychostream.stitch"] = json.dumps(hint)
+        return build_ptychonn_onnx(str(tmp_path / name), size=SIZE, heads=("phase",), base_channels=2, depth=2,
+                                   metadata=meta)
+
+    offsets, domains = d.db["MosaicOffset"].enum_strs, d.db["MosaicDomain"].enum_strs
+    assert (offsets[d.get("MosaicOffset_RBV")], domains[d.get("MosaicDomain_RBV")]) == ("mean", "phase")
+    load(rec, hinted("unsupervised.onnx", {"offset": "overlap", "window": "hann", "domain": "complex"}))
+    wait_for(lambda: rec.mosaic.settings.domain == "complex", timeout=5, message="the stitch stage took the domain")
+    assert (offsets[d.get("MosaicOffset_RBV")], domains[d.get("MosaicDomain_RBV")]) == ("overlap", "complex")
+    assert rec.mosaic.settings.offset == "overlap"
+    rec.update_status()  # the status scan copies the message history into its PV
+    assert "MosaicDomain complex: the model's stitch hint" in d.get("MessageHistory_RBV")
+    load(rec, hinted("plain.onnx", None))  # no hint: the settings stay
+    assert domains[d.get("MosaicDomain_RBV")] == "complex" and rec.mosaic.settings.domain == "complex"
+    load(rec, hinted("supervised.onnx", {"offset": "mean", "window": "hann"}))  # no domain named: phase
+    wait_for(lambda: rec.mosaic.settings.domain == "phase", timeout=5, message="back to the phase domain")
+    assert (offsets[d.get("MosaicOffset_RBV")], domains[d.get("MosaicDomain_RBV")]) == ("mean", "phase")
+    d.put("MosaicDomain", 1)  # an operator's put is taken as given
+    wait_for(lambda: rec.mosaic.settings.domain == "complex", timeout=5, message="the put reached the stage")
+    assert d.get("MosaicDomain_RBV") == 1

@@ -180,6 +180,7 @@ class Reconstructor:
         self._register()
         for name in ("BatchSize", "BacklogLimit", "BacklogPolicy", "PublishRate", "PositionSource", "PosAttrX",
                      "PosAttrY", "PosScale", "PositionTimeout", "PixelSize", "MosaicRate", "MosaicOffset",
+                     "MosaicDomain",
                      "MosaicDisplaySize", "MotorTolerance", "RetrainBudget", "RetrainSwap"):
             d.set(f"{name}_RBV", d.get(name))
         for name in ("ConsistencyLimit", "ConsistencyFrames"):
@@ -538,6 +539,7 @@ class Reconstructor:
         mosaic_setting("MosaicRate", "rate_hz")
         mosaic_setting("MosaicDisplaySize", "display_size")
         mosaic_setting("MosaicOffset", "offset", lambda v: d.db["MosaicOffset"].enum_strs[v])
+        mosaic_setting("MosaicDomain", "domain", lambda v: d.db["MosaicDomain"].enum_strs[v])
 
         @on("MotorTolerance")
         def _tolerance(value: float) -> None:
@@ -830,7 +832,8 @@ class Reconstructor:
                 "attr_y": d.get("PosAttrY"), "scale": d.get("PosScale"), "pixel_m": d.get("PixelSize"),
                 "rate_hz": d.get("MosaicRate"), "display_size": d.get("MosaicDisplaySize"),
                 "timeout_s": d.get("PositionTimeout"),
-                "offset": d.db["MosaicOffset"].enum_strs[d.get("MosaicOffset")]}
+                "offset": d.db["MosaicOffset"].enum_strs[d.get("MosaicOffset")],
+                "domain": d.db["MosaicDomain"].enum_strs[d.get("MosaicDomain")]}
 
     def _on_table(self, value) -> None:
         uids, x, y = value
@@ -1171,20 +1174,27 @@ class Reconstructor:
                           f"model ready in {time.monotonic() - t0:.2f} s on {model.backend.name}{note}")
 
     def _apply_stitch_hint(self, hint: str | None) -> None:
-        """A model may say how its patches stitch best (``ptychostream.stitch``: {"offset": ...})."""
+        """A model may say how its patches stitch best (``ptychostream.stitch``: {"offset": ..., "domain":
+        ...}); a model without a domain in its hint stitches in the phase domain."""
         import json
 
         try:
-            offset = json.loads(hint).get("offset") if hint else None
+            parsed = json.loads(hint) if hint else None
+            wanted = {"offset": parsed.get("offset"), "domain": parsed.get("domain", "phase")} if parsed else {}
         except (ValueError, AttributeError):
-            offset = None
-        choices = self.device.db["MosaicOffset"].enum_strs
-        if offset in choices:
-            if choices.index(offset) != self.device.get("MosaicOffset"):
-                self.message(f"MosaicOffset {offset}: the model's stitch hint")
-            self.device.set("MosaicOffset", choices.index(offset))
-            self.device.set("MosaicOffset_RBV", choices.index(offset))
-            self.mosaic.configure(offset=offset)
+            wanted = {}
+        changes = {}
+        for pv, key in (("MosaicOffset", "offset"), ("MosaicDomain", "domain")):
+            choices = self.device.db[pv].enum_strs
+            value = wanted.get(key)
+            if value in choices:
+                if choices.index(value) != self.device.get(pv):
+                    self.message(f"{pv} {value}: the model's stitch hint")
+                self.device.set(pv, choices.index(value))
+                self.device.set(f"{pv}_RBV", choices.index(value))
+                changes[key] = value
+        if changes:
+            self.mosaic.configure(**changes)
 
     def _finish_load(self, seq: int, status: int, text: str, severity: int = 0) -> None:
         with self._load_lock:

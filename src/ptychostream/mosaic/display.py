@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptychostream.mosaic.stitch import MosaicImage, Stitcher
+from ptychostream.mosaic.stitch import MosaicImage, Stitcher, complex_phase
 
 __all__ = ["DisplayView", "binning_for"]
 
@@ -68,7 +68,7 @@ class DisplayView:
     where 0 is a valid value, such as the consistency map).
     """
 
-    PLANES = ("num_phase", "weight", "num_amp", "weight_amp")
+    PLANES = ("num_phase", "weight", "num_amp", "weight_amp", "num_im")
 
     def __init__(self, max_side: int = 1024, nan_outside: bool = False) -> None:
         self.max_side = int(max_side)
@@ -166,8 +166,11 @@ class DisplayView:
             mask[...] = False
         floor = np.float32(thr if thr > 0 else 1.0)
         phase = self._outbuf("phase", shape, np.float32)
-        np.maximum(wv, floor, out=phase)
-        np.divide(self._bins["num_phase"], phase, out=phase)
+        if "num_im" in self._bins:  # domain "complex": the angle of the binned phasor sums
+            complex_phase(self._bins["num_phase"], self._bins["num_im"], wv, floor, phase)
+        else:
+            np.maximum(wv, floor, out=phase)
+            np.divide(self._bins["num_phase"], phase, out=phase)
         if self.nan_outside:
             phase[~mask] = np.nan
         coverage = self._outbuf("coverage", shape, np.float32)

@@ -60,6 +60,14 @@ Phase offset reconciliation (networks predict phase up to a constant per patch):
   overlapping scans; depends (slightly) on arrival order.
 * ``"none"`` splats phases as they are (for networks whose offsets are consistent).
 
+Domain: ``"phase"`` (the default) averages phase values, as above. ``"complex"`` averages unit
+phasors ``exp(i phase)`` instead (a second plane holds the sines), and the mosaic's phase is the
+angle of their weighted sum, in (-pi, pi]: two patches that give one feature as +3.1 and -3.1 rad
+agree there, where the phase average makes it 0. The offsets act on the phasors: ``mean`` turns
+each patch by its window-weighted mean angle, ``overlap`` then by the angle of its overlap with the
+phasors already under it. A network whose phases are known only modulo 2 pi (one trained on the
+frames alone, whose loss sees ``exp(i phase)``) needs it; numpy's splat serves it.
+
 Rejections: a patch whose position is NaN/inf (or whose data holds NaN/inf) is
 skipped and counted in ``counts["rejected_nan"]``; with a fixed extent a patch whose
 *centre* lies outside the extent is counted in ``counts["rejected_range"]`` (a patch
@@ -85,10 +93,12 @@ import numpy as np
 
 from ptychostream.mosaic import _splat
 
-__all__ = ["MosaicImage", "Stitcher", "make_window", "splat_kernel_status", "warm_up_splat_kernel"]
+__all__ = ["DOMAINS", "MosaicImage", "Stitcher", "complex_phase", "make_window", "splat_kernel_status",
+           "warm_up_splat_kernel"]
 
 WINDOWS = ("hann", "gaussian", "flat", "tukey")
 OFFSETS = ("mean", "overlap", "none")
+DOMAINS = ("phase", "complex")
 
 
 def warm_up_splat_kernel() -> None:
@@ -127,6 +137,16 @@ def _window_1d(kind: str, n: int) -> np.ndarray:
 def make_window(kind: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Separable blending window: returns the (wy, wx) 1-D factors (float64)."""
     return _window_1d(kind, int(shape[0])), _window_1d(kind, int(shape[1]))
+
+
+def complex_phase(num_re: np.ndarray, num_im: np.ndarray, weight: np.ndarray, floor: np.float32,
+                  out: np.ndarray) -> np.ndarray:
+    """The domain "complex" mosaic phase: the angle of the phasor sums, faded to 0 where the weight is
+    below ``floor`` as the phase domain's ``num / max(weight, floor)`` does, 0 where nothing landed."""
+    np.arctan2(num_im, num_re, out=out)
+    fade = np.minimum(weight / floor, np.float32(1.0)).astype(np.float32, copy=False)
+    np.multiply(out, fade, out=out)
+    return out
 
 
 @dataclass
@@ -176,11 +196,15 @@ class Stitcher:
         each patch to the mosaic under it) or "none".
     max_canvas_px: largest canvas side in pixels.
     min_weight: relative weight (to the maximum) below which a mosaic pixel is masked.
+    domain: "phase" (average phase values) or "complex" (average exp(i phase): wrap-safe).
     """
 
-    #: the canvas planes: window-weighted phase sum and window weight (set by :meth:`reset`)
+    #: the canvas planes: window-weighted phase sum (domain "complex": cosine sum) and window weight
+    #: (set by :meth:`reset`)
     num_phase: np.ndarray
     weight: np.ndarray
+    #: domain "complex": the window-weighted sine sum (None in the phase domain)
+    num_im: np.ndarray | None
 
     def __init__(
         self,
@@ -192,11 +216,15 @@ class Stitcher:
         max_canvas_px: int = 8192,
         dtype=np.float32,
         min_weight: float = 1e-3,
+        domain: str = "phase",
     ) -> None:
         if not (np.isfinite(pixel_m) and pixel_m > 0):
             raise ValueError(f"pixel_m must be a positive number, got {pixel_m!r}")
         if offset not in OFFSETS:
             raise ValueError(f"offset must be one of {OFFSETS}, got {offset!r}")
+        if domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        self.domain = domain
         self.pixel_m = float(pixel_m)
         self.patch_shape = (int(patch_shape[0]), int(patch_shape[1]))
         h, w = self.patch_shape
@@ -273,6 +301,7 @@ class Stitcher:
             self._oy = self._ox = 0
             self.num_phase = np.zeros((0, 0), self.dtype)
             self.weight = np.zeros((0, 0), self.dtype)
+        self.num_im = np.zeros_like(self.num_phase) if self.domain == "complex" else None
 
     @property
     def canvas_shape(self) -> tuple[int, int]:
@@ -311,14 +340,16 @@ class Stitcher:
         return None if d is None else (d[0], d[1], d[2], d[3])
 
     def planes(self, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                                                                np.ndarray | None]:
-        """Views of ``(num_phase, weight, num_amp, weight_amp)`` over the global pixel box ``box``
-        (which must lie inside the exposed mosaic); ``weight_amp`` None: amplitude shares ``weight``."""
+                                                                np.ndarray | None, np.ndarray | None]:
+        """Views of ``(num_phase, weight, num_amp, weight_amp, num_im)`` over the global pixel box ``box``
+        (which must lie inside the exposed mosaic); ``weight_amp`` None: amplitude shares ``weight``;
+        ``num_im`` None: the phase domain."""
         y0, y1, x0, x1 = box
         win = (slice(y0 - self._oy, y1 - self._oy), slice(x0 - self._ox, x1 - self._ox))
         return (self.num_phase[win], self.weight[win],
                 None if self.num_amp is None else self.num_amp[win],
-                None if self.weight_amp is None else self.weight_amp[win])
+                None if self.weight_amp is None else self.weight_amp[win],
+                None if self.num_im is None else self.num_im[win])
 
     # ------------------------------------------------------------------ geometry
     def _corners(self, positions_m: np.ndarray):
@@ -397,6 +428,8 @@ class Stitcher:
         ny, nh = axis(u[0], u[1], oy, AH, h + 1)
         nx, nw = axis(u[2], u[3], ox, AW, w + 1)
         planes = ["num_phase", "weight"]
+        if self.num_im is not None:
+            planes.append("num_im")
         if self.num_amp is not None:
             planes.append("num_amp")
         if self.weight_amp is not None:
@@ -508,8 +541,8 @@ class Stitcher:
     @property
     def uses_kernel(self) -> bool:
         """Whether patches are splatted by the compiled kernel (see ``compiled``)."""
-        return (self.compiled and self.offset != "overlap" and self.dtype == np.float32
-                and _splat.available())
+        return (self.compiled and self.offset != "overlap" and self.domain == "phase"
+                and self.dtype == np.float32 and _splat.available())
 
     def _splat_compiled(self, phase: np.ndarray, amplitude: np.ndarray | None, ay: np.ndarray, ax: np.ndarray,
                         ry: list[int], rx: list[int]) -> None:
@@ -537,6 +570,9 @@ class Stitcher:
         """
         if phase is not None and self.uses_kernel:
             self._splat_compiled(phase, amplitude, ay, ax, ry, rx)
+            return
+        if phase is not None and self.domain == "complex":
+            self._splat_complex(phase, amplitude, ay, ax, ry, rx)
             return
         m = ay.shape[0]
         h, w = self.patch_shape
@@ -567,6 +603,73 @@ class Stitcher:
                 y, x = ry[k], rx[k]
                 foot = (slice(y, y + h + 1), slice(x, x + w + 1))
                 num[foot] += Q[k]
+                wt[foot] += Wb[k]
+                if A is not None and amp is not None:
+                    amp[foot] += A[k]
+                    if wamp is not None:
+                        wamp[foot] += Wb[k]
+
+    def _prepare_complex(self, phase: np.ndarray, cos_out: np.ndarray, sin_out: np.ndarray) -> None:
+        """Windowed phasors of ``phase`` (n, h, w), turned by each patch's window-weighted mean angle
+        (offsets "mean" and "overlap"), as cosine and sine parts written into the two outputs."""
+        z = np.exp(1j * np.asarray(phase, np.float32)).astype(np.complex64)
+        if self.offset != "none":
+            s = np.einsum("kij,ij->k", z, self._win.astype(np.complex64))
+            turn = np.where(np.abs(s) > 0, np.conj(s) / np.where(np.abs(s) > 0, np.abs(s), 1), 1).astype(np.complex64)
+            z *= turn[:, None, None]
+        np.multiply(z.real, self._win, out=cos_out, casting="unsafe")
+        np.multiply(z.imag, self._win, out=sin_out, casting="unsafe")
+
+    def _reconcile_complex(self, Qc: np.ndarray, Qs: np.ndarray, Wb: np.ndarray, ry: list[int],
+                           rx: list[int]) -> None:
+        """offset="overlap" in the complex domain: turn each block by the angle of its overlap with the
+        phasors under it, sum(conj(canvas) * block); patches with too little overlap keep their mean turn."""
+        m = Qc.shape[0]
+        h, w = self.patch_shape
+        assert self.num_im is not None
+        for k in range(m):
+            foot = (slice(ry[k], ry[k] + h + 1), slice(rx[k], rx[k] + w + 1))
+            den = float(np.einsum("ij,ij->", Wb[k], self.weight[foot], dtype=np.float64))
+            if den <= self.overlap_min * float(Wb[k].sum(dtype=np.float64)):
+                continue
+            C, S = self.num_phase[foot], self.num_im[foot]
+            zr = np.einsum("ij,ij->", C, Qc[k], dtype=np.float64) + np.einsum("ij,ij->", S, Qs[k], dtype=np.float64)
+            zi = np.einsum("ij,ij->", C, Qs[k], dtype=np.float64) - np.einsum("ij,ij->", S, Qc[k], dtype=np.float64)
+            r = float(np.hypot(zr, zi))
+            if r <= 0:
+                continue
+            c, s = np.float32(zr / r), np.float32(zi / r)  # the block times exp(-i angle)
+            qc = Qc[k].copy()
+            Qc[k] = c * qc + s * Qs[k]
+            Qs[k] = c * Qs[k] - s * qc
+
+    def _splat_complex(self, phase: np.ndarray, amplitude: np.ndarray | None, ay: np.ndarray, ax: np.ndarray,
+                       ry: list[int], rx: list[int]) -> None:
+        """The domain "complex" splat: cosine, sine (and amplitude) parts through one bilinear fold."""
+        m = ay.shape[0]
+        h, w = self.patch_shape
+        Wb = self._weight_blocks(ay, ax)
+        both = amplitude is not None and self.num_amp is not None
+        parts = 3 if both else 2
+        Z = self._padded(parts * m)
+        self._prepare_complex(phase, Z[:m, :h, :w], Z[m:2 * m, :h, :w])
+        if amplitude is not None and both:
+            np.multiply(amplitude, self._win, out=Z[2 * m:, :h, :w], casting="unsafe")
+        QQ = self._bilinear_blocks(Z, np.tile(ay, parts), np.tile(ax, parts))
+        Qc, Qs = QQ[:m], QQ[m:2 * m]
+        A = QQ[2 * m:] if both else None
+        num, im, wt, amp, wamp = self.num_phase, self.num_im, self.weight, self.num_amp, self.weight_amp
+        assert im is not None
+        overlap = self.offset == "overlap"
+        step = max(1, self.overlap_chunk) if overlap else m
+        for s0 in range(0, m, step):
+            s1 = min(s0 + step, m)
+            if overlap:
+                self._reconcile_complex(Qc[s0:s1], Qs[s0:s1], Wb[s0:s1], ry[s0:s1], rx[s0:s1])
+            for k in range(s0, s1):
+                foot = (slice(ry[k], ry[k] + h + 1), slice(rx[k], rx[k] + w + 1))
+                num[foot] += Qc[k]
+                im[foot] += Qs[k]
                 wt[foot] += Wb[k]
                 if A is not None and amp is not None:
                     amp[foot] += A[k]
@@ -735,8 +838,11 @@ class Stitcher:
         # to 0 (num ~ weight * phase) below the threshold, exactly 0 where weight == 0
         floor = np.float32(thr if thr > 0 else 1.0)
         phase = self._outbuf(reuse, "phase", shape, np.float32)
-        np.maximum(wv, floor, out=phase)
-        np.divide(self._view(self.num_phase), phase, out=phase)
+        if self.num_im is not None:
+            complex_phase(self._view(self.num_phase), self._view(self.num_im), wv, floor, phase)
+        else:
+            np.maximum(wv, floor, out=phase)
+            np.divide(self._view(self.num_phase), phase, out=phase)
         coverage = self._outbuf(reuse, "coverage", shape, np.float32)
         np.multiply(wv, np.float32(1.0 / wmax) if wmax > 0 else np.float32(0), out=coverage)
         amp = None
@@ -763,21 +869,30 @@ class Stitcher:
         if not np.isfinite(pos).all():
             raise ValueError("non-finite position")
         h, w = self.patch_shape
-        Z = self._padded(1)
-        self._prepare(ph[None], Z[:, :h, :w])
+        cplx = self.domain == "complex"
+        Z = self._padded(2 if cplx else 1)
+        if cplx:
+            self._prepare_complex(ph[None], Z[:1, :h, :w], Z[1:, :h, :w])
+        else:
+            self._prepare(ph[None], Z[:, :h, :w])
         fy, fx, ay, ax = self._corners(pos.copy())
-        Q = self._bilinear_blocks(Z, ay, ax)
+        Q = self._bilinear_blocks(Z, np.tile(ay, 2) if cplx else ay, np.tile(ax, 2) if cplx else ax)
         Wb = self._weight_blocks(ay, ax)
         AH, AW = self.num_phase.shape
         ry, rx = int(fy[0]) - self._oy, int(fx[0]) - self._ox
         if (self.offset == "overlap" and ry >= 0 and rx >= 0
                 and ry + h + 1 <= AH and rx + w + 1 <= AW):
-            self._reconcile(Q, Wb, [ry], [rx])
-        num = Q[0].copy()
+            if cplx:
+                self._reconcile_complex(Q[:1], Q[1:], Wb, [ry], [rx])
+            else:
+                self._reconcile(Q, Wb, [ry], [rx])
         wt = Wb[0].copy()
         thr = self.min_weight * float(wt.max())
-        block = np.full(num.shape, np.nan, np.float32)
-        np.divide(num, wt, out=block, where=wt > thr)
+        block = np.full(wt.shape, np.nan, np.float32)
+        if cplx:
+            np.arctan2(Q[1], Q[0], out=block, where=wt > thr)
+        else:
+            np.divide(Q[0].copy(), wt, out=block, where=wt > thr)
         y0, _, x0, _ = self._exposed()
         if self.extent_m is None and self._content is None:
             y0, x0 = int(fy[0]), int(fx[0])

@@ -57,6 +57,7 @@ class MosaicSettings:
     #: longest side of the published images (the mosaic is binned to fit); 0: the full canvas
     display_size: int = 1024
     offset: str = "mean"
+    domain: str = "phase"
     extent_m: tuple[float, float, float, float] | None = None
     timeout_s: float = 10.0
     trajectory: PatternPositions | None = None
@@ -176,7 +177,7 @@ class MosaicStage(threading.Thread):
         self.inbox.put(("motor", axis, t, value))
 
     def configure(self, **changes: Any) -> None:
-        """Change settings; geometry changes (pixel size, extent, offset) restart the mosaic."""
+        """Change settings; geometry changes (pixel size, extent, offset, domain) restart the mosaic."""
         self.inbox.put(("configure", changes))
 
     def reset(self) -> None:
@@ -273,7 +274,7 @@ class MosaicStage(threading.Thread):
         if "display_size" in changes:
             self.view.max_side = self.consistency_view.max_side = int(old.display_size)
             self._dirty = True
-        if {"pixel_m", "extent_m", "offset"} & set(changes) and self.stitcher is not None:
+        if {"pixel_m", "extent_m", "offset", "domain"} & set(changes) and self.stitcher is not None:
             self._reset()
             self.message("mosaic geometry changed: mosaic cleared", 0)
 
@@ -390,7 +391,7 @@ class MosaicStage(threading.Thread):
             return
         shape = first.phase.shape
         if self.stitcher is None or self.stitcher.patch_shape != shape or self.stitcher.pixel_m != pixel:
-            self.stitcher = Stitcher(pixel, shape, extent_m=st.extent_m, offset=st.offset,
+            self.stitcher = Stitcher(pixel, shape, extent_m=st.extent_m, offset=st.offset, domain=st.domain,
                                      max_canvas_px=8192)
             self.consistency = None
         pos = np.array([q for _, _, q in ready], dtype=np.float64)

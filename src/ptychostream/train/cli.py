@@ -63,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         physics_context=args.physics_context, context_every=args.context_every,
         physics_frame=args.physics_frame, select=args.select, select_frames=args.select_frames,
         overlap_norm=args.overlap_norm, phase_anchor=args.phase_anchor, wrap_weight=args.wrap_weight,
+        stitch_domain=args.stitch_domain,
     )
 
 
@@ -222,6 +223,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
                    help="weight of a penalty on phase jumps between neighbouring output pixels above pi/2 "
                         "(default 0: off): the frames see the phase modulo 2 pi, and a fine-tune may wrap the "
                         "object's upper level, which the stitcher then averages into a blur")
+    g.add_argument("--stitch-domain", default=d.stitch_domain, choices=("auto", "phase", "complex"),
+                   help="the mosaic domain the model's stitch hint asks for (default auto: complex, which "
+                        "averages exp(i phase) and so is safe where phases wrap, when the run trained on the "
+                        "frames alone; else phase)")
     g.add_argument("--select", default=d.select, choices=SELECT_FIGURES,
                    help="export the checkpoint with the lowest validation figure instead of the last one: the "
                         "run's loss, the Poisson deviance or the overlap disagreement (default none); with "

@@ -103,6 +103,9 @@ class TrainConfig:
     budget_reserve_s: float = 60.0
     #: the mosaic offset the model asks the live stitcher for (``ptychostream.stitch``)
     stitch_offset: str = "overlap"
+    #: the mosaic domain it asks for: "phase", "complex", or "auto": complex when the run trained on the
+    #: frames alone (a loss that sees only exp(i phase) fixes the phase modulo 2 pi), else phase
+    stitch_domain: str = "auto"
     #: what ``budget_s`` counts: ``wall`` seconds, or ``cpu`` seconds of this process (all its threads)
     budget_clock: str = "wall"
     # physics-informed loss (train/physics.py): weights of the supervised L1, the Poisson deviance of the
@@ -139,6 +142,12 @@ class TrainConfig:
     select: str = "none"
     select_frames: int = 24
 
+    def hinted_domain(self) -> str:
+        """The mosaic domain of the model's stitch hint (``stitch_domain``, "auto" resolved)."""
+        if self.stitch_domain != "auto":
+            return self.stitch_domain
+        return "complex" if self.uses_physics() and self.supervised_weight == 0 else "phase"
+
     def uses_physics(self) -> bool:
         """Whether the physics loss (or its overlap term) is on."""
         return self.physics_weight > 0 or self.overlap_weight > 0
@@ -147,7 +156,7 @@ class TrainConfig:
         """The settings a checkpoint must share to be resumed (not output/device/limits)."""
         d = asdict(self)
         for k in ("output", "device", "threads", "checkpoint", "time_limit_s", "budget_s", "name", "epochs",
-                  "precision", "budget_reserve_s", "stitch_offset", "budget_clock"):
+                  "precision", "budget_reserve_s", "stitch_offset", "stitch_domain", "budget_clock"):
             d.pop(k)
         return json.loads(json.dumps(d))
 

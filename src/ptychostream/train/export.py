@@ -81,7 +81,9 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
                 tolerance: float = 1e-4, probe: np.ndarray | None = None) -> dict[str, Any]:
     """Export ``net`` to ``path`` (dynamic batch), add ``metadata``, verify, and rename into place.
 
-    Verification: onnxruntime vs torch on a random batch of 3 (max |Δ| ≤ ``tolerance``) and
+    Verification: onnxruntime vs torch on a random batch of 3 (max |Δ| ≤ ``tolerance`` times the
+    largest output magnitude, at least 1: a phase head gives up to π, where float32 kernels that
+    differ by the order of their sums land 1e-4 apart; an export bug is off by far more) and
     ``ptychostream.model.infer.open_model(...).selftest()``.  The file is written to a temporary
     name in the target folder and ``os.replace``\\ d over ``path`` only when all checks pass, so
     an existing model is never left half-written.
@@ -157,8 +159,10 @@ def export_onnx(net: Any, path: str | Path, metadata: dict[str, Any], opset: int
             sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
             got = sess.run(heads, {"input": x.numpy()})
             diff = max(float(np.max(np.abs(a - b))) for a, b in zip(want, got))
-            if not diff <= tolerance:
-                raise TrainError(f"the ONNX export differs from torch by {diff:.3g} (> {tolerance:g})")
+            scale = max([1.0, *(float(np.max(np.abs(a))) for a in want)])
+            if not diff <= tolerance * scale:
+                raise TrainError(f"the ONNX export differs from torch by {diff:.3g} (> {tolerance:g} x the "
+                                 f"largest output, {scale:.3g})")
             try:
                 with open_model(tmp, backend="ONNXRuntime-CPU", threads=2) as m:
                     m.selftest()

@@ -54,6 +54,7 @@ __all__ = [
     "HeldOut",
     "bad_pixels",
     "clean_frames",
+    "hinted_domain",
     "MixedSource",
     "PatchGrid",
     "ProbeSource",
@@ -420,9 +421,20 @@ def _infer(path: str | Path, frames: np.ndarray, threads: int) -> tuple[np.ndarr
         return np.concatenate(phases), m.info
 
 
+def hinted_domain(hint: str | None) -> str:
+    """The mosaic domain a model's ``ptychostream.stitch`` hint names ("phase" where it names none)."""
+    import json
+
+    try:
+        value = json.loads(hint).get("domain", "phase") if hint else "phase"
+    except (ValueError, AttributeError):
+        return "phase"
+    return value if value in ("phase", "complex") else "phase"
+
+
 def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positions_m: np.ndarray,
                    reference: Product, split: HeldOut, pixel_m: float, offset: str = "mean",
-                   threads: int = 2, truth: Product | None = None) -> dict[str, Any]:
+                   threads: int = 2, truth: Product | None = None, domain: str | None = None) -> dict[str, Any]:
     """Score each model's stitched phase on the held-out frames against the iterative ``reference``.
 
     ``frames``/``positions_m``: the held-out frames (canonical) and their scan positions.  Every model
@@ -433,6 +445,8 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
     ``truth`` (a simulation's object as a product) each model also gets ``"truth_scores"`` (the same
     figures against the truth, on the held-out region where the truth was scanned) and the result a
     ``"reference"`` entry: the iterative reference itself scored against the truth there.
+    ``domain``: the mosaic domain of every model; None: each model's own stitch hint (as the device
+    applies it on a swap; "phase" where the hint names none), recorded as each entry's ``"domain"``.
     """
     from ptychostream.mosaic.stitch import Stitcher
     from ptychostream.quality.grid import place_truth
@@ -441,11 +455,13 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
 
     pos = np.asarray(positions_m, dtype=np.float64)
     patches: dict[str, np.ndarray] = {}
+    domains: dict[str, str] = {}
     result: dict[str, Any] = {}
     for name, path in models.items():
         try:
-            patches[name], _ = _infer(path, frames, threads)
-            result[name] = {"scores": None, "error": None, "model": str(path)}
+            patches[name], info = _infer(path, frames, threads)
+            domains[name] = domain or hinted_domain(info.metadata.get("ptychostream.stitch"))
+            result[name] = {"scores": None, "error": None, "model": str(path), "domain": domains[name]}
         except Exception as exc:  # a model that cannot serve these frames scores nothing
             result[name] = {"scores": None, "error": f"{type(exc).__name__}: {exc}", "model": str(path)}
     if not patches:
@@ -454,7 +470,7 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
     extent = (pos[:, 0].min() - half, pos[:, 0].max() + half, pos[:, 1].min() - half, pos[:, 1].max() + half)
     mosaics = {}
     for name, ph in patches.items():
-        st = Stitcher(pixel_m, ph.shape[1:], extent_m=extent, offset=offset)
+        st = Stitcher(pixel_m, ph.shape[1:], extent_m=extent, offset=offset, domain=domains[name])
         for s in range(0, len(ph), 32):
             st.add(ph[s:s + 32], pos[s:s + 32])
         mosaics[name] = st.mosaic()

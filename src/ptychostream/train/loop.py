@@ -797,8 +797,9 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = None, source: tupl
         "ptychostream.outputs": list(heads),
         "ptychostream.probe_id": facts["probe_id"],
         "ptychostream.training": summary,
-        # a hint for the live mosaic: patches this small stitch better with offset "overlap"
-        "ptychostream.stitch": {"offset": cfg.stitch_offset, "window": "hann"},
+        # a hint for the live mosaic: patches this small stitch better with offset "overlap", and phases
+        # known only modulo 2 pi need the complex domain
+        "ptychostream.stitch": {"offset": cfg.stitch_offset, "window": "hann", "domain": cfg.hinted_domain()},
     }
     if facts["pixel_m"]:
         meta["ptychostream.pixel_m"] = repr(float(facts["pixel_m"]))
