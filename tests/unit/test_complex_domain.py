@@ -126,3 +126,28 @@ def binned_origin(img, b: int, st: Stitcher) -> tuple[int, int]:
     """Global bin index of the display image's pixel (0, 0)."""
     return (int(round(img.origin_m[0] / st.pixel_m - (b - 1) / 2)) // b,
             int(round(img.origin_m[1] / st.pixel_m - (b - 1) / 2)) // b)
+
+
+def test_a_models_hinted_domain_is_what_scoring_stitches_in(tmp_path):
+    """``ModelInfo.stitch_domain`` reads the hint ("phase" where it names none or is unreadable), and
+    ``simulate_and_score`` stitches in it unless told otherwise, as the device does on a swap."""
+    import json
+
+    from ptychostream.model.info import load_model_file
+    from ptychostream.model.zoo import build_ptychonn_onnx
+    from ptychostream.quality.score import simulate_and_score
+
+    def model(name: str, hint: str | None) -> str:
+        meta = {} if hint is None else {"ptychostream.stitch": hint}
+        return build_ptychonn_onnx(str(tmp_path / name), size=128, heads=("phase",), base_channels=2, depth=2,
+                                   metadata=meta)
+
+    cplx = model("c.onnx", json.dumps({"offset": "mean", "domain": "complex"}))
+    cases = {cplx: "complex", model("p.onnx", json.dumps({"offset": "overlap"})): "phase",
+             model("n.onnx", None): "phase", model("bad.onnx", "{not json"): "phase",
+             model("odd.onnx", json.dumps({"domain": "polar"})): "phase"}
+    for path, want in cases.items():
+        assert load_model_file(path).stitch_domain == want, path
+    got = simulate_and_score(cplx, points=40, offsets="mean", threads=1)
+    assert got["domain"] == "complex" and 0 <= got["ssim"] <= 1
+    assert simulate_and_score(cplx, points=40, offsets="mean", threads=1, domain="phase")["domain"] == "phase"

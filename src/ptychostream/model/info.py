@@ -102,6 +102,19 @@ class ModelInfo:
     opset: int | None = None
 
     @property
+    def stitch_domain(self) -> str:
+        """The mosaic domain its ``ptychostream.stitch`` hint names: "phase" or "complex" ("phase" where it
+        names none or cannot be read)."""
+        import json
+
+        hint = self.metadata.get(META_PREFIX + "stitch")
+        try:
+            value = json.loads(hint).get("domain", "phase") if hint else "phase"
+        except (ValueError, AttributeError):
+            return "phase"
+        return value if value in ("phase", "complex") else "phase"
+
+    @property
     def model_id(self) -> str:
         """The first 12 hex digits of the file's sha256."""
         return self.sha256[:12]

@@ -106,7 +106,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                 r["mask"] = "illumination >= 0.5, mosaic mask"
                 r["offset"] = off
                 r["source"] = (f"{args.model} on a simulated {args.object} spiral scan ({args.points} points, "
-                               f"{args.step:g} m step, {args.photons:g} photons), offset {off}")
+                               f"{args.step:g} m step, {args.photons:g} photons), offset {off}, "
+                               f"{r['domain']} domain")
                 _print(r, r["source"], as_json)
                 if args.save:
                     mos = r["mosaic"]

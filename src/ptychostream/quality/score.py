@@ -148,11 +148,11 @@ def simulate_scan(kind: str = "digits", points: int = 1000, step_m: float = 1e-7
 
 
 def stitch_patches(phase: np.ndarray, positions_m: np.ndarray, pixel_m: float, offset: str = "mean",
-                   amplitude: np.ndarray | None = None, window: str = "hann") -> Any:
+                   amplitude: np.ndarray | None = None, window: str = "hann", domain: str = "phase") -> Any:
     """Stitch patches with the live :class:`~ptychostream.mosaic.stitch.Stitcher`; returns its MosaicImage."""
     from ptychostream.mosaic.stitch import Stitcher
 
-    st = Stitcher(pixel_m, phase.shape[1:], offset=offset, window=window)
+    st = Stitcher(pixel_m, phase.shape[1:], offset=offset, window=window, domain=domain)
     for s in range(0, len(phase), 32):  # the live path's batch size
         st.add(phase[s:s + 32], positions_m[s:s + 32], None if amplitude is None else amplitude[s:s + 32])
     return st.mosaic()
@@ -171,12 +171,14 @@ def score_mosaic(mosaic: Any, sim: Any, illumination: float | None = 0.5) -> dic
 
 def simulate_and_score(model: Any, *, kind: str = "digits", points: int = 1000, step_m: float = 1e-7,
                        photons: float = 1e6, seed: int = 0, offsets: tuple[str, ...] | str = ("mean", "overlap"),
-                       window: str = "hann", threads: int = 2, keep: bool = False) -> dict[str, Any]:
+                       window: str = "hann", threads: int = 2, keep: bool = False,
+                       domain: str | None = None) -> dict[str, Any]:
     """Simulate a scan, reconstruct it with ``model`` (path or opened Model), stitch and score.
 
     Returns {offset: score dict} (or one score dict if ``offsets`` is a single string).  The
     model's ``pixel_m`` must match the simulation's object pixel.  ``keep`` adds the MosaicImage
-    under ``"mosaic"`` in each score dict.
+    under ``"mosaic"`` in each score dict.  ``domain``: the mosaic domain (None: the one the model's
+    stitch hint names, as the device applies it), recorded as each score dict's ``"domain"``.
     """
     from ptychostream.model.infer import ModelError, open_model
 
@@ -195,6 +197,7 @@ def simulate_and_score(model: Any, *, kind: str = "digits", points: int = 1000, 
         if m.info.pixel_m and abs(m.info.pixel_m / g.pixel_m - 1) > 1e-3:
             raise ScoreError(f"the model's pixel ({m.info.pixel_m:.4g} m) differs from the scan's "
                              f"({g.pixel_m:.4g} m)")
+        dom = domain or m.info.stitch_domain
         phases, amps = [], []
         for s in range(0, sim.n, 64):
             out = m.run(sim.frames(np.arange(s, min(s + 64, sim.n))))
@@ -208,8 +211,9 @@ def simulate_and_score(model: Any, *, kind: str = "digits", points: int = 1000, 
     amp = np.concatenate(amps) if amps else None
     res: dict[str, Any] = {}
     for off in offs:
-        mos = stitch_patches(phase, sim.positions_m, g.pixel_m, off, amp, window)
+        mos = stitch_patches(phase, sim.positions_m, g.pixel_m, off, amp, window, dom)
         r = score_mosaic(mos, sim)
+        r["domain"] = dom
         if keep:
             r["mosaic"] = mos
         res[off] = r

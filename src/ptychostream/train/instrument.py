@@ -54,7 +54,6 @@ __all__ = [
     "HeldOut",
     "bad_pixels",
     "clean_frames",
-    "hinted_domain",
     "MixedSource",
     "PatchGrid",
     "ProbeSource",
@@ -421,17 +420,6 @@ def _infer(path: str | Path, frames: np.ndarray, threads: int) -> tuple[np.ndarr
         return np.concatenate(phases), m.info
 
 
-def hinted_domain(hint: str | None) -> str:
-    """The mosaic domain a model's ``ptychostream.stitch`` hint names ("phase" where it names none)."""
-    import json
-
-    try:
-        value = json.loads(hint).get("domain", "phase") if hint else "phase"
-    except (ValueError, AttributeError):
-        return "phase"
-    return value if value in ("phase", "complex") else "phase"
-
-
 def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positions_m: np.ndarray,
                    reference: Product, split: HeldOut, pixel_m: float, offset: str = "mean",
                    threads: int = 2, truth: Product | None = None, domain: str | None = None) -> dict[str, Any]:
@@ -460,7 +448,7 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
     for name, path in models.items():
         try:
             patches[name], info = _infer(path, frames, threads)
-            domains[name] = domain or hinted_domain(info.metadata.get("ptychostream.stitch"))
+            domains[name] = domain or info.stitch_domain
             result[name] = {"scores": None, "error": None, "model": str(path), "domain": domains[name]}
         except Exception as exc:  # a model that cannot serve these frames scores nothing
             result[name] = {"scores": None, "error": f"{type(exc).__name__}: {exc}", "model": str(path)}
