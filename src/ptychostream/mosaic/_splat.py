@@ -1,4 +1,5 @@
-"""A compiled splat of windowed patches into the canvas planes, for the ``mean`` and ``none`` offsets.
+"""A compiled splat of windowed patches into the canvas planes, for the ``mean`` and ``none`` offsets
+(phase and complex domains).
 
 numpy's version (in :class:`~ptychostream.mosaic.stitch.Stitcher`) folds a batch's bilinear
 corners with whole-array operations and then adds each patch's block to the canvas with three or
@@ -51,9 +52,9 @@ def _compile(k) -> None:
     """Compile for float32 canvases (the stitcher's default) with a tiny batch."""
     f = np.float32
     z2 = np.zeros((4, 4), f)
-    k(np.zeros((1, 2, 2), f), np.zeros((0, 2, 2), f), np.ones((2, 2), f), np.zeros((3, 4, 4), f), 4.0, True,
+    k(np.zeros((1, 2, 2), f), np.zeros((0, 2, 2), f), np.ones((2, 2), f), np.zeros((4, 4, 4), f), 4.0, True,
       np.zeros(1), np.zeros(1), np.zeros(1, np.int64), np.zeros(1, np.int64), z2, z2.copy(),
-      np.zeros((0, 0), f), np.zeros((0, 0), f))
+      np.zeros((0, 0), f), np.zeros((0, 0), f), np.zeros((0, 0), f), np.zeros((0, 0, 0), f))
 
 
 def available() -> bool:
@@ -79,15 +80,22 @@ _EMPTY2 = np.zeros((0, 0), np.float32)
 
 def splat(phase: np.ndarray, amplitude: np.ndarray | None, win: np.ndarray, pad: np.ndarray, win_sum: float,
           sub_mean: bool, ay: np.ndarray, ax: np.ndarray, ry: np.ndarray, rx: np.ndarray,
-          num: np.ndarray, wt: np.ndarray, num_amp: np.ndarray | None, wt_amp: np.ndarray | None) -> None:
+          num: np.ndarray, wt: np.ndarray, num_amp: np.ndarray | None, wt_amp: np.ndarray | None,
+          num_im: np.ndarray | None = None) -> None:
     """Splat float32 patches ``phase`` (n, h, w) (and ``amplitude``) at allocation rows ``ry`` and
     columns ``rx`` with bilinear fractions ``ay``, ``ax`` into float32 planes, in batch order.
 
-    ``pad`` is float32 scratch (3, h+2, w+2) whose border is zero and whose ``pad[1]`` holds the window
-    in its interior; ``sub_mean`` removes each patch's window-weighted mean phase first.
+    ``pad`` is float32 scratch (4, h+2, w+2) whose border is zero and whose ``pad[1]`` holds the window
+    in its interior; ``sub_mean`` removes each patch's window-weighted mean phase first. With
+    ``num_im`` (the complex domain) ``num`` takes the windowed cosines and ``num_im`` the sines, and
+    ``sub_mean`` turns each patch by its window-weighted mean angle.
     """
     k = _get()
     if k is None:
         raise RuntimeError(f"the compiled splat is unavailable: {_error}")
-    k(phase, _EMPTY3 if amplitude is None else amplitude, win, pad, float(win_sum), bool(sub_mean),
-      ay, ax, ry, rx, num, wt, _EMPTY2 if num_amp is None else num_amp, _EMPTY2 if wt_amp is None else wt_amp)
+    first, sines = phase, _EMPTY3
+    if num_im is not None:  # numpy's vectorised cos and sin, then the kernel
+        first, sines = np.cos(phase), np.sin(phase)
+    k(first, _EMPTY3 if amplitude is None else amplitude, win, pad, float(win_sum), bool(sub_mean),
+      ay, ax, ry, rx, num, wt, _EMPTY2 if num_amp is None else num_amp, _EMPTY2 if wt_amp is None else wt_amp,
+      _EMPTY2 if num_im is None else num_im, sines)

@@ -40,8 +40,8 @@ over the batch's bounding box is slower; slice-adds need no index arrays, and th
 reads the canvas under each patch as views instead of gathering it (3x faster). :meth:`Stitcher.add_values` splats one
 value per patch (a map of a per-frame figure) at the cost of the weights alone.
 
-Where numba is installed, float32 canvases with the ``mean`` or ``none`` offset are splatted by a
-compiled kernel instead (:mod:`ptychostream.mosaic._splat`: one call per chunk, the GIL released,
+Where numba is installed, float32 canvases with the ``mean`` or ``none`` offset (either domain) are
+splatted by a compiled kernel instead (:mod:`ptychostream.mosaic._splat`: one call per chunk, the GIL released,
 the same sums within float32 rounding); ``Stitcher.compiled`` says which serves, and setting it
 False keeps numpy's version.
 
@@ -66,7 +66,7 @@ angle of their weighted sum, in (-pi, pi]: two patches that give one feature as 
 agree there, where the phase average makes it 0. The offsets act on the phasors: ``mean`` turns
 each patch by its window-weighted mean angle, ``overlap`` then by the angle of its overlap with the
 phasors already under it. A network whose phases are known only modulo 2 pi (one trained on the
-frames alone, whose loss sees ``exp(i phase)``) needs it; numpy's splat serves it.
+frames alone, whose loss sees ``exp(i phase)``) needs it.
 
 Rejections: a patch whose position is NaN/inf (or whose data holds NaN/inf) is
 skipped and counted in ``counts["rejected_nan"]``; with a fixed extent a patch whose
@@ -541,14 +541,14 @@ class Stitcher:
     @property
     def uses_kernel(self) -> bool:
         """Whether patches are splatted by the compiled kernel (see ``compiled``)."""
-        return (self.compiled and self.offset != "overlap" and self.domain == "phase"
-                and self.dtype == np.float32 and _splat.available())
+        return (self.compiled and self.offset != "overlap" and self.dtype == np.float32
+                and _splat.available())
 
     def _splat_compiled(self, phase: np.ndarray, amplitude: np.ndarray | None, ay: np.ndarray, ax: np.ndarray,
                         ry: list[int], rx: list[int]) -> None:
         h, w = self.patch_shape
         if self._pad is None:
-            self._pad = np.zeros((3, h + 2, w + 2), np.float32)
+            self._pad = np.zeros((4, h + 2, w + 2), np.float32)
             self._pad[1, 1:h + 1, 1:w + 1] = self._win
         f32 = np.float32
         _splat.splat(np.ascontiguousarray(phase, f32),
@@ -557,7 +557,7 @@ class Stitcher:
                      np.ascontiguousarray(ay, np.float64), np.ascontiguousarray(ax, np.float64),
                      np.asarray(ry, np.int64), np.asarray(rx, np.int64), self.num_phase, self.weight,
                      None if amplitude is None else self.num_amp,
-                     None if amplitude is None else self.weight_amp)
+                     None if amplitude is None else self.weight_amp, self.num_im)
 
     def _splat_chunk(self, phase: np.ndarray | None, amplitude: np.ndarray | None, values: np.ndarray | None,
                      ay: np.ndarray, ax: np.ndarray, ry: list[int], rx: list[int]) -> None:
@@ -612,13 +612,22 @@ class Stitcher:
     def _prepare_complex(self, phase: np.ndarray, cos_out: np.ndarray, sin_out: np.ndarray) -> None:
         """Windowed phasors of ``phase`` (n, h, w), turned by each patch's window-weighted mean angle
         (offsets "mean" and "overlap"), as cosine and sine parts written into the two outputs."""
-        z = np.exp(1j * np.asarray(phase, np.float32)).astype(np.complex64)
-        if self.offset != "none":
-            s = np.einsum("kij,ij->k", z, self._win.astype(np.complex64))
-            turn = np.where(np.abs(s) > 0, np.conj(s) / np.where(np.abs(s) > 0, np.abs(s), 1), 1).astype(np.complex64)
-            z *= turn[:, None, None]
-        np.multiply(z.real, self._win, out=cos_out, casting="unsafe")
-        np.multiply(z.imag, self._win, out=sin_out, casting="unsafe")
+        ph = np.asarray(phase, np.float32)
+        np.cos(ph, out=cos_out)
+        np.sin(ph, out=sin_out)
+        if self.offset != "none":  # times conj(m) / |m|, m the window-weighted mean phasor
+            mr = np.einsum("kij,ij->k", cos_out, self._win, dtype=np.float64)
+            mi = np.einsum("kij,ij->k", sin_out, self._win, dtype=np.float64)
+            r = np.hypot(mr, mi)
+            ok = r > 0
+            tc = np.where(ok, mr / np.where(ok, r, 1.0), 1.0).astype(np.float32)[:, None, None]
+            ts = np.where(ok, mi / np.where(ok, r, 1.0), 0.0).astype(np.float32)[:, None, None]
+            c = cos_out * tc + sin_out * ts
+            np.multiply(sin_out, tc, out=sin_out)
+            sin_out -= cos_out * ts
+            cos_out[...] = c
+        cos_out *= self._win
+        sin_out *= self._win
 
     def _reconcile_complex(self, Qc: np.ndarray, Qs: np.ndarray, Wb: np.ndarray, ry: list[int],
                            rx: list[int]) -> None:
