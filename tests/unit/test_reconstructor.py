@@ -151,7 +151,9 @@ def test_drop_oldest_while_no_model_serves(rec, model_file):
     assert pv(rec, "Status_RBV") == ST_OVERLOAD
     load(rec, model_file)
     c = settle(rec, Processed=3)
-    assert identity_holds(c) and phase == [3, 4, 5]
+    assert identity_holds(c)
+    # the publisher thread posts Phase after the frames count as processed
+    wait_for(lambda: phase == [3, 4, 5], timeout=5, message="Phase of the 3 kept frames", state=lambda: phase)
     rec.device.put("ModelPath", "")
     wait_for(lambda: d.get("ModelStatus_RBV") == MODEL_NONE, message="unloaded")
     assert d.get("ModelPath_RBV") == ""
