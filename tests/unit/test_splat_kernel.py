@@ -76,3 +76,28 @@ def test_strided_and_float64_patches_are_splatted_alike():
     ref.add(np.ascontiguousarray(big[:, ::2, ::2], np.float32), pos)
     fast.add(big[:, ::2, ::2], pos)  # float64, not contiguous
     _same(ref, fast)
+
+
+def test_without_numba_numpy_serves_and_says_so():
+    """Where numba does not import (a platform without its wheel), the stitcher splats with numpy, and a
+    warning says why; the sums are numpy's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, logging, numpy as np\n"
+        "sys.modules['numba'] = None\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from ptychostream.mosaic.stitch import Stitcher, splat_kernel_status\n"
+        "st = Stitcher(1e-8, (16, 16))\n"
+        "ref = Stitcher(1e-8, (16, 16)); ref.compiled = False\n"
+        "ph = np.random.default_rng(0).standard_normal((5, 16, 16)).astype(np.float32)\n"
+        "pos = np.random.default_rng(1).random((5, 2)) * 1e-7\n"
+        "assert st.add(ph, pos) == ref.add(ph, pos) == 5 and not st.uses_kernel\n"
+        "assert np.array_equal(st.num_phase, ref.num_phase)\n"
+        "print(splat_kernel_status())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("numpy (ModuleNotFoundError")
+    assert "the compiled splat is unavailable" in out.stderr

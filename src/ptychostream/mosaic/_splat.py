@@ -17,6 +17,7 @@ numba can write its cache); :func:`warm_up` does it ahead of the first batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -45,6 +46,8 @@ def _get():
                     _kernel = k
                 except Exception as exc:  # no numba, or it cannot compile here: numpy's version serves
                     _error = f"{type(exc).__name__}: {exc}"
+                    logging.getLogger(__name__).warning("the compiled splat is unavailable (%s): the mosaic "
+                                                        "is splatted by numpy, about 2.5x slower", _error)
     return _kernel
 
 
