@@ -259,6 +259,9 @@ class Reconstructor:
     def update_status(self) -> None:
         """Counters into their PVs (int32: saturated at 2**31 - 1, never wrapped), counter growth into
         rate-limited messages, the message history into MessageHistory_RBV."""
+        # the stitch stage's counts first: a frame it counts was received and processed before, so the
+        # counters read after it include it (read the other way round, one scan showed 128 stitched of 127)
+        mosaic_counts = self.mosaic.status()
         d, c = self.device, self.counters.snapshot()
         dropped, backlog = self.queue.dropped, self.queue.backlog
         d.set_many({f"{name}_RBV": saturate(value) for name, value in (
@@ -290,7 +293,7 @@ class Reconstructor:
         d.set("Status_RBV", state, severity=max(d.db["Status_RBV"].severity_of(state), self.model_severity(),
                                                 self.consistency.severity))
         self._show_consistency()
-        d.set_many({name: saturate(value) for name, value in self.mosaic.status().items()})
+        d.set_many({name: saturate(value) for name, value in mosaic_counts.items()})
         rec = self.recorder
         written, rec_dropped = (rec.written, rec.dropped) if rec is not None else self._record_counts
         d.set("CaptureWritten_RBV", saturate(written))
