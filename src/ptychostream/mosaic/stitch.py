@@ -571,38 +571,46 @@ class Stitcher:
         if phase is not None and self.uses_kernel:
             self._splat_compiled(phase, amplitude, ay, ax, ry, rx)
             return
-        if phase is not None and self.domain == "complex":
-            self._splat_complex(phase, amplitude, ay, ax, ry, rx)
-            return
         m = ay.shape[0]
         h, w = self.patch_shape
         Wb = self._weight_blocks(ay, ax)
-        A = None
+        A = S = None  # the amplitude blocks; domain "complex": the sine blocks (Q holds the cosines)
         if phase is not None:
-            # phase and amplitude go through one bilinear fold, stacked
+            # phase (complex: cosine and sine) and amplitude go through one bilinear fold, stacked
             both = amplitude is not None and self.num_amp is not None
-            Z = self._padded(2 * m if both else m)
-            self._prepare(phase, Z[:m, :h, :w])
+            parts = 2 if self.domain == "complex" else 1
+            Z = self._padded((parts + both) * m)
+            if parts == 2:
+                self._prepare_complex(phase, Z[:m, :h, :w], Z[m:2 * m, :h, :w])
+            else:
+                self._prepare(phase, Z[:m, :h, :w])
             if amplitude is not None and both:
-                np.multiply(amplitude, self._win, out=Z[m:, :h, :w], casting="unsafe")
-                ay, ax = np.concatenate([ay, ay]), np.concatenate([ax, ax])
+                np.multiply(amplitude, self._win, out=Z[parts * m:, :h, :w], casting="unsafe")
+            if parts + both > 1:
+                ay, ax = np.tile(ay, parts + both), np.tile(ax, parts + both)
             QQ = self._bilinear_blocks(Z, ay, ax)
-            Q, A = (QQ[:m], QQ[m:]) if both else (QQ, None)
+            Q = QQ[:m]
+            S = QQ[m:2 * m] if parts == 2 else None
+            A = QQ[parts * m:] if both else None
         else:
             assert values is not None
             Q = self._buf("Q", Wb.shape)
             np.multiply(Wb, values[:, None, None], out=Q)
-        num, wt, amp, wamp = self.num_phase, self.weight, self.num_amp, self.weight_amp
+        num, im, wt, amp, wamp = self.num_phase, self.num_im, self.weight, self.num_amp, self.weight_amp
         overlap = self.offset == "overlap"
         step = max(1, self.overlap_chunk) if overlap else m
         for s0 in range(0, m, step):
             s1 = min(s0 + step, m)
-            if overlap:
+            if overlap and S is not None:
+                self._reconcile_complex(Q[s0:s1], S[s0:s1], Wb[s0:s1], ry[s0:s1], rx[s0:s1])
+            elif overlap:
                 self._reconcile(Q[s0:s1], Wb[s0:s1], ry[s0:s1], rx[s0:s1])
             for k in range(s0, s1):
                 y, x = ry[k], rx[k]
                 foot = (slice(y, y + h + 1), slice(x, x + w + 1))
                 num[foot] += Q[k]
+                if S is not None and im is not None:
+                    im[foot] += S[k]
                 wt[foot] += Wb[k]
                 if A is not None and amp is not None:
                     amp[foot] += A[k]
@@ -651,39 +659,6 @@ class Stitcher:
             qc = Qc[k].copy()
             Qc[k] = c * qc + s * Qs[k]
             Qs[k] = c * Qs[k] - s * qc
-
-    def _splat_complex(self, phase: np.ndarray, amplitude: np.ndarray | None, ay: np.ndarray, ax: np.ndarray,
-                       ry: list[int], rx: list[int]) -> None:
-        """The domain "complex" splat: cosine, sine (and amplitude) parts through one bilinear fold."""
-        m = ay.shape[0]
-        h, w = self.patch_shape
-        Wb = self._weight_blocks(ay, ax)
-        both = amplitude is not None and self.num_amp is not None
-        parts = 3 if both else 2
-        Z = self._padded(parts * m)
-        self._prepare_complex(phase, Z[:m, :h, :w], Z[m:2 * m, :h, :w])
-        if amplitude is not None and both:
-            np.multiply(amplitude, self._win, out=Z[2 * m:, :h, :w], casting="unsafe")
-        QQ = self._bilinear_blocks(Z, np.tile(ay, parts), np.tile(ax, parts))
-        Qc, Qs = QQ[:m], QQ[m:2 * m]
-        A = QQ[2 * m:] if both else None
-        num, im, wt, amp, wamp = self.num_phase, self.num_im, self.weight, self.num_amp, self.weight_amp
-        assert im is not None
-        overlap = self.offset == "overlap"
-        step = max(1, self.overlap_chunk) if overlap else m
-        for s0 in range(0, m, step):
-            s1 = min(s0 + step, m)
-            if overlap:
-                self._reconcile_complex(Qc[s0:s1], Qs[s0:s1], Wb[s0:s1], ry[s0:s1], rx[s0:s1])
-            for k in range(s0, s1):
-                foot = (slice(ry[k], ry[k] + h + 1), slice(rx[k], rx[k] + w + 1))
-                num[foot] += Qc[k]
-                im[foot] += Qs[k]
-                wt[foot] += Wb[k]
-                if A is not None and amp is not None:
-                    amp[foot] += A[k]
-                    if wamp is not None:
-                        wamp[foot] += Wb[k]
 
     def add(self, phase: np.ndarray, positions_m: np.ndarray,
             amplitude: np.ndarray | None = None) -> int:
