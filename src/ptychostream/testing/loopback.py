@@ -7,10 +7,11 @@ honour whatever EPICS_* variables they are given, as a beamline expects.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
-__all__ = ["LOOPBACK_ENV", "free_port", "loopback_env", "apply_loopback", "Slot", "EpicsNet"]
+__all__ = ["LOOPBACK_ENV", "free_port", "ephemeral_range", "loopback_env", "apply_loopback", "Slot", "EpicsNet"]
 
 LOOPBACK_ENV = {
     "EPICS_PVA_ADDR_LIST": "127.0.0.1",
@@ -26,19 +27,51 @@ LOOPBACK_ENV = {
 }
 
 
+_RANDOM = random.SystemRandom()
+_WINDOW_LOW = 20000  # above the registered services tests might meet (EPICS 5064-5076, databases, ...)
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for automatically assigned local ports (Linux; IANA's 49152-65535 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(v) for v in fh.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def _bindable(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port that is free for both TCP and UDP on 127.0.0.1."""
-    while True:
+    """A port that is free for both TCP and UDP on 127.0.0.1, outside the ephemeral range.
+
+    A port the kernel handed out (bind to port 0) lies in the ephemeral range, where it can be
+    handed again, as the local port of any client's outgoing connection, before the server that
+    was meant to bind it does: "Address already in use" minutes later in a long run. Ports below
+    that range are only ever taken by an explicit bind. ``kind`` is kept for callers that name it.
+    """
+    low, high = ephemeral_range()
+    window = (_WINDOW_LOW, low) if low - _WINDOW_LOW >= 1000 else (high + 1, 65536)
+    if window[1] - window[0] >= 1000:
+        for _ in range(200):
+            port = _RANDOM.randrange(*window)
+            if _bindable(port):
+                return port
+    while True:  # no room outside the ephemeral range: let the kernel choose
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        try:
-            with socket.socket(socket.AF_INET, other) as s:
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
+        if _bindable(port):
+            return port
 
 
 def loopback_env() -> dict[str, str]:
