@@ -105,6 +105,33 @@ def test_capture_writes_results_positions_frames_and_mosaic(captured):
         assert fh["entry"].attrs["NX_class"] == "NXentry" and fh["entry/data"].attrs["signal"] == "phase"
 
 
+def test_a_new_capture_counts_from_zero_at_once(ioc):
+    """A closed record's counts stay shown after its close; the next Capture shows its own (0) as soon
+    as Capture_RBV reads 1, not the last record's until the next status scan. Two records of its own,
+    so the test holds whichever capture ran before it."""
+    proc, ctx, raw, d = ioc
+
+    def record(name: str, n: int, first: int) -> None:
+        ctx.put(R + "CaptureFile", str(d / name), wait=True)
+        ctx.put(R + "CaptureFrames", 0, wait=True)
+        ctx.put(R + "Capture", 1, wait=True)
+        try:
+            got = {k: int(ctx.get(R + k)) for k in ("Capture_RBV", "CaptureFlushed_RBV", "CaptureWritten_RBV",
+                                                     "CaptureDropped_RBV")}
+            assert got == {"Capture_RBV": 1, "CaptureFlushed_RBV": 0, "CaptureWritten_RBV": 0,
+                           "CaptureDropped_RBV": 0}, name
+            send(raw, n, first=first)
+            wait_for(lambda: int(ctx.get(R + "CaptureWritten_RBV")) == n, timeout=15, message=f"{n} written")
+        finally:
+            ctx.put(R + "Capture", 0, wait=True)
+            wait_for(lambda: int(ctx.get(R + "Capture_RBV")) == 0, timeout=15, message="record closed")
+        wait_for(lambda: int(ctx.get(R + "CaptureFlushed_RBV")) == n, timeout=10, message=f"{name}'s {n} flushed")
+        assert int(ctx.get(R + "CaptureWritten_RBV")) == n  # still shown after the close
+
+    record("counts-first.h5", 5, 201)
+    record("counts-second.h5", 3, 301)
+
+
 def test_capture_refuses_unwritable_path_and_keeps_running(ioc):
     proc, ctx, raw, d = ioc
     from p4p.client.thread import RemoteError

@@ -113,7 +113,8 @@ class _Capture:
         except Exception as exc:
             raise RuntimeError(f"{r.name}: Capture to {path} refused: {exc}: {await _message(r)}") from exc
         await wait_for_value(r.signal("Capture_RBV"), True, timeout=self.timeout)
-        # the flushed count shows the previous record's until the status task sees the new one
+        # the new record's flushed count (the IOC shows 0 as it opens; an older IOC showed the last
+        # record's until its next status scan)
         await wait_for_value(r.signal("CaptureFlushed_RBV"), 0, timeout=self.timeout)
         self.path, self.open = path, True
 

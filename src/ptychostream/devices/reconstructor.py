@@ -778,6 +778,9 @@ class Reconstructor:
                         if seen is not None:
                             rec.add_motor(axis, *seen)
                 self.publisher.add_listener(rec.submit)
+                # this record's counts from now on, not the last record's until the next status scan
+                self._shown_recorder = rec
+                self.device.set_many({"CaptureWritten_RBV": 0, "CaptureDropped_RBV": 0, "CaptureFlushed_RBV": 0})
                 self.device.set("CaptureFile_RBV", path)
                 self.device.set("CaptureFlushPeriod_RBV", rec.flush_period)
                 self.message(f"recording to {path}")  # before Capture_RBV, as for the close
