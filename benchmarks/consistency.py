@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     side = probe_sidecar(model.info)
     if side is None:
         raise SystemExit("the shipped model has no probe sidecar")
-    probe, _ = load_probe(side)
+    probe, _ = load_probe(side, modes=True)  # every mode, as the device reads a sidecar
     check = ForwardCheck(probe)
     repeat = 1 if args.quick else args.repeat
     b = args.batch

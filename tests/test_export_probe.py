@@ -78,7 +78,7 @@ def test_train_from_a_scan_writes_the_scans_probe_beside_the_model(scan_dir, tun
     # the device's consistency check takes it
     mon = ConsistencyMonitor(share=1.0)
     assert mon.set_model(info) == ""
-    assert mon.source() == f"model probe {side.name} {S}x{S}"
+    assert mon.source() == f"model probe {side.name} {S}x{S}, 4 modes"  # every mode, not the first alone
 
 
 def test_a_run_with_no_probe_takes_the_init_models_and_a_bare_export_removes_a_stale_one(scan_dir, tuned):

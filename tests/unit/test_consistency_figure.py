@@ -151,6 +151,40 @@ def test_a_probe_that_does_not_fit_is_refused():
         ForwardCheck(np.ones((16, 12), np.complex64))
 
 
+def test_a_partially_coherent_probe_is_checked_with_every_mode(scan, tmp_path):
+    """Frames of a 3-mode probe (intensities add over the modes): every mode explains them to the
+    shot noise; the strongest mode alone does not. The monitor reads all modes of a sidecar."""
+    from ptychostream.sim.forward import far_field
+    from ptychostream.sim.probes import kb_mirror_probe, load_probe, mode_weights
+
+    modes = kb_mirror_probe(N, modes=3, seed=2)
+    assert mode_weights(modes)[0] < 0.9  # the other modes carry a real share of the power
+    p = scan.patches
+    expected = sum(far_field(m[None] * p) for m in modes) * np.float32(1e6)
+    raw = poisson(expected)
+    full = consistency(modes, PRE, raw, np.angle(p), np.abs(p))  # the whole window: shot noise only
+    assert 0.85 < np.median(full) < 1.15
+    assert np.median(consistency(modes[0], PRE, raw, np.angle(p), np.abs(p))) > 10  # one mode: a misfit
+    inner = centre(p)
+    every = consistency(modes, PRE, raw, np.angle(inner), np.abs(inner))
+    first = consistency(modes[0], PRE, raw, np.angle(inner), np.abs(inner))
+    assert np.median(first) > 3 * np.median(every)
+    # the sidecar's modes, as adapt writes them: all of them in use
+    model_path = tmp_path / "m.onnx"
+    model_path.write_bytes(b"")
+    np.save(tmp_path / "m.probe.npy", modes)
+    loaded, _ = load_probe(tmp_path / "m.probe.npy", modes=True)
+    assert loaded.shape == (3, N, N)
+    np.testing.assert_allclose(mode_weights(loaded), mode_weights(modes) / mode_weights(modes).sum(), rtol=1e-5)
+    assert load_probe(tmp_path / "m.probe.npy")[0].shape == (N, N)  # the one-mode reading is unchanged
+    mon = ConsistencyMonitor(share=1.0)
+    assert mon.set_model(_info(model_path)) == ""
+    assert mon.source().endswith("128x128, 3 modes")
+    fig = mon(_Model(_info(model_path)), PRE, raw, None, {"phase": np.angle(inner)[:, None],
+                                                           "amplitude": np.abs(inner)[:, None]})
+    np.testing.assert_allclose(fig, every, rtol=1e-4)
+
+
 def _info(path: Path, shape: int = CROP, out: int = OUT, pixel_m: float | None = None) -> ModelInfo:
     return ModelInfo(path=str(path), sha256="0" * 64, input_name="input", input_shape=(shape, shape),
                      fixed_batch=None, outputs=("amplitude", "phase"), pixel_m=pixel_m,

@@ -81,23 +81,32 @@ class _Geometry:
 
 
 class ForwardCheck:
-    """The forward model for one probe: predicted patches → far-field intensity → deviance per frame."""
+    """The forward model for one probe: predicted patches → far-field intensity → deviance per frame.
+
+    ``probe``: one mode (N, N), or the modes of a partially coherent probe (K, N, N), whose powers are
+    their weights: the simulated intensity is the incoherent sum over the modes, Σ_k |F{P_k·O}|².
+    """
 
     def __init__(self, probe: np.ndarray) -> None:
         p = np.asarray(probe)
-        if p.ndim != 2 or p.shape[0] != p.shape[1] or p.shape[0] < 2:
-            raise ProbeError(f"a probe must be one square 2-D array, got shape {p.shape}")
+        if p.ndim == 2:
+            p = p[None]
+        if p.ndim != 3 or p.shape[1] != p.shape[2] or p.shape[1] < 2 or p.shape[0] < 1:
+            raise ProbeError(f"a probe must be one square 2-D array or a stack of square modes, got shape "
+                             f"{np.shape(probe)}")
         if not np.all(np.isfinite(p)) or not np.any(p):
             raise ProbeError("the probe is all zeros or holds NaN/inf")
-        self.probe = np.ascontiguousarray(p, dtype=np.complex64)
+        #: the array it was made from (as given), and its modes (K, N, N)
+        self.probe = probe
+        self.modes = np.ascontiguousarray(p, dtype=np.complex64)
         n = self.size
         # zero frequency at (n//2, n//2) with no fftshift: FFT{(-1)^(y+x) ψ} = fftshift(FFT{ψ}) for even n
         if n % 2 == 0:
             sign = np.where(np.add.outer(np.arange(n), np.arange(n)) % 2 == 0, 1, -1).astype(np.float32)
-            self._probe_fft = (self.probe * sign).astype(np.complex64)
+            self._probe_fft = (self.modes * sign).astype(np.complex64)
         else:
-            self._probe_fft = self.probe
-        self._intensity = np.abs(self.probe) ** 2
+            self._probe_fft = self.modes
+        self._intensity = np.sum(np.abs(self.modes) ** 2, axis=0)
         self._valid_cache: tuple[Any, np.ndarray | None] = (None, None)
         self._counts: tuple[Preprocess | None, Preprocess] = (None, Preprocess())
         self._flat_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, float]] = {}
@@ -105,7 +114,7 @@ class ForwardCheck:
     @property
     def size(self) -> int:
         """The probe's side N (object pixels)."""
-        return int(self.probe.shape[0])
+        return int(self.modes.shape[-1])
 
     def geometry(self, input_shape: tuple[int, int], output_shape: tuple[int, int]) -> _Geometry:
         """Check that the model's input (h, w) and output (m, m) fit in this probe's window."""
@@ -131,7 +140,8 @@ class ForwardCheck:
         spectrum is computed once per geometry) plus ``P·(O − fill)`` on the m×m patch; the latter's
         centre h×w frequencies of the N-point transform are two zero-padded 1-D FFTs (m columns,
         then h rows), half the work of the full 2-D FFT. The spectrum's phase ramp of the patch's
-        offset is moved onto the flat term, which leaves the intensity unchanged.
+        offset is moved onto the flat term, which leaves the intensity unchanged. With several
+        modes this is done for each and the intensities add.
         """
         phase = np.asarray(phase, dtype=np.float32)
         m = phase.shape[-1]
@@ -146,18 +156,25 @@ class ForwardCheck:
         # the object outside the patch: the probe-weighted mean of the predicted patch
         fill = np.einsum("kij,ij->k", inner, weight) / np.float32(total if total > 0 else 1.0)
         inner -= fill[:, None, None]
-        inner *= self._probe_fft[o0:o0 + m, o0:o0 + m]
+        fill_c = fill.astype(np.complex64)[:, None, None]
         r0, c0 = n // 2 - g.h // 2, n // 2 - g.w // 2
-        cols = scipy.fft.fft(inner, n=n, axis=-2, norm="ortho")[:, r0:r0 + g.h]
-        spec = scipy.fft.fft(cols, n=n, axis=-1, norm="ortho", overwrite_x=True)[:, :, c0:c0 + g.w]
-        spec += fill.astype(np.complex64)[:, None, None] * flat_spec
-        out = np.square(spec.real)
-        out += np.square(spec.imag)
+        out: np.ndarray | None = None
+        for mode, flat in zip(self._probe_fft, flat_spec):
+            wave = inner * mode[o0:o0 + m, o0:o0 + m]
+            cols = scipy.fft.fft(wave, n=n, axis=-2, norm="ortho", overwrite_x=True)[:, r0:r0 + g.h]
+            spec = scipy.fft.fft(cols, n=n, axis=-1, norm="ortho", overwrite_x=True)[:, :, c0:c0 + g.w]
+            spec += fill_c * flat
+            if out is None:
+                out = np.square(spec.real)
+            else:
+                out += np.square(spec.real)
+            out += np.square(spec.imag)
+        assert out is not None
         return out.astype(np.float32, copy=False)
 
     def _flat(self, g: _Geometry) -> tuple[np.ndarray, np.ndarray, float]:
-        """For a geometry: the probe's centred spectrum window (h, w) with the patch offset's ramp
-        undone, the probe intensity on the patch (m, m) and its sum (cached)."""
+        """For a geometry: each mode's centred spectrum window (K, h, w) with the patch offset's ramp
+        undone, the probe intensity (all modes) on the patch (m, m) and its sum (cached)."""
         key = (g.h, g.w, g.m)
         hit = self._flat_cache.get(key)
         if hit is not None:
@@ -165,7 +182,7 @@ class ForwardCheck:
         n, m = g.n, g.m
         o0 = n // 2 - m // 2
         r0, c0 = n // 2 - g.h // 2, n // 2 - g.w // 2
-        full = np.fft.fft2(self._probe_fft.astype(np.complex128), norm="ortho")[r0:r0 + g.h, c0:c0 + g.w]
+        full = np.fft.fft2(self._probe_fft.astype(np.complex128), norm="ortho")[:, r0:r0 + g.h, c0:c0 + g.w]
         ky, kx = np.arange(r0, r0 + g.h), np.arange(c0, c0 + g.w)
         ramp = np.exp(2j * np.pi * o0 * (ky[:, None] + kx[None, :]) / n)  # undo the offset's e^{-2πi k o0/N}
         weight = self._intensity[o0:o0 + m, o0:o0 + m].astype(np.float32)
@@ -236,8 +253,9 @@ def consistency(probe: np.ndarray, pre: Preprocess, raw: np.ndarray, phase: np.n
 
 
 def _probe_from_file(path: Path) -> tuple[np.ndarray, float | None]:
+    """Every mode of the probe in ``path`` (K, N, N), and its pixel."""
     try:
-        return load_probe(path)
+        return load_probe(path, modes=True)
     except (OSError, KeyError) as exc:
         raise ProbeError(f"cannot read the probe file {path}: {exc}") from None
     except ValueError as exc:
@@ -350,13 +368,13 @@ class ConsistencyMonitor:
         arr, pixel = _probe_from_file(p)
         with self._lock:
             model_probe, info = self._model_probe, self._model_info
-        if model_probe is not None and arr.shape != model_probe[0].shape:
-            raise ProbeError(f"the probe {p.name} is {arr.shape[0]}x{arr.shape[1]} but the model's probe is "
-                             f"{model_probe[0].shape[0]}x{model_probe[0].shape[1]} (its object-pixel window)")
+        if model_probe is not None and arr.shape[-2:] != model_probe[0].shape[-2:]:
+            raise ProbeError(f"the probe {p.name} is {arr.shape[-2]}x{arr.shape[-1]} but the model's probe is "
+                             f"{model_probe[0].shape[-2]}x{model_probe[0].shape[-1]} (its object-pixel window)")
         if model_probe is None and frame_shape is not None and len(frame_shape) == 2:
             n = int(frame_shape[0]) // max(1, int(bin))
-            if arr.shape != (n, n) and int(frame_shape[0]) == int(frame_shape[1]):
-                raise ProbeError(f"the probe {p.name} is {arr.shape[0]}x{arr.shape[1]} but the frames streaming "
+            if arr.shape[-2:] != (n, n) and int(frame_shape[0]) == int(frame_shape[1]):
+                raise ProbeError(f"the probe {p.name} is {arr.shape[-2]}x{arr.shape[-1]} but the frames streaming "
                                  f"sample a {n}x{n} object window ({frame_shape[0]}x{frame_shape[1]} px, bin {bin})")
         if info is not None:
             self._fits_model(arr, pixel, info, f"the probe {p.name}")
@@ -370,8 +388,8 @@ class ConsistencyMonitor:
         h, w = info.input_shape
         shapes = [s for s in info.output_shapes.values() if s]
         m = shapes[0][0] if shapes else h
-        n = arr.shape[0]
-        if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        n = arr.shape[-1]
+        if arr.ndim not in (2, 3) or arr.shape[-2] != arr.shape[-1]:
             raise ProbeError(f"{what} is {'x'.join(map(str, arr.shape))}: a square probe is needed")
         if n % 2:
             raise ProbeError(f"{what} is {n}x{n}: an even size is needed")
@@ -394,8 +412,9 @@ class ConsistencyMonitor:
             if probe is None:
                 why = self._model_note or "no probe known: the model carries none and ProbeFile is empty"
                 return f"unavailable: {why}"
-            n = probe[0].shape[0]
-            return f"{probe[1]} {n}x{n}"
+            n = probe[0].shape[-1]
+            k = probe[0].shape[0] if probe[0].ndim == 3 else 1
+            return f"{probe[1]} {n}x{n}" + (f", {k} modes" if k > 1 else "")
 
     def state(self) -> int:
         """ConsistencyStatus_RBV: Off, Unavailable, Waiting, OK or High."""

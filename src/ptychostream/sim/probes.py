@@ -231,14 +231,16 @@ def make_probe(kind: str, size: int, pixel_m: float, geometry: Any = None, **kw:
     return _normalise(_gaussian(size, **kw))
 
 
-def load_probe(path: str | Path, dataset: str | None = None, normalize: bool = True
+def load_probe(path: str | Path, dataset: str | None = None, normalize: bool = True, modes: bool = False
                ) -> tuple[np.ndarray, float | None]:
     """Read a probe (complex64, H×W) and its pixel width (m, or None) from a file.
 
     HDF5 (a Ptychodus product): dataset ``probe`` (or ``dataset``; ``path::dataset`` works too),
     complex, opr×modes×H×W or modes×H×W or H×W — the first mode is used — with the
     ``pixel_width_m`` attribute (looked up on the dataset, then the file).  ``.npy`` files hold
-    the array alone.  With ``normalize`` the result has Σ|P|² = 1.
+    the array alone.  With ``normalize`` the result has Σ|P|² = 1.  ``modes``: every mode of the
+    first OPR, as (modes, H, W) (one mode: (1, H, W)), normalised together (Σ_k Σ|P_k|² = 1), so
+    each mode keeps its share of the power.
     """
     file, dataset = split_dataset_path(path, dataset, "probe")
     pixel: float | None = None
@@ -256,7 +258,12 @@ def load_probe(path: str | Path, dataset: str | None = None, normalize: bool = T
     arr = np.asarray(arr)
     if arr.ndim < 2:
         raise ValueError(f"{file}: probe must be at least 2-D, got shape {arr.shape}")
-    probe = first_layer(arr).astype(np.complex64)
+    if modes:
+        while arr.ndim > 3:  # (opr, modes, H, W): the first OPR
+            arr = arr[0]
+        probe = arr.reshape(-1, *arr.shape[-2:]).astype(np.complex64)
+    else:
+        probe = first_layer(arr).astype(np.complex64)
     if not np.all(np.isfinite(probe)):
         raise ValueError(f"{file}: probe contains NaN or infinite values")
     return (_normalise(probe) if normalize else probe), pixel
