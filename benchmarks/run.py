@@ -1390,6 +1390,28 @@ def bench_stitch(o: Opts) -> None:
         ms = (time.perf_counter() - t1) / 2 * 1e3
         row("stitch", f"Stitcher.add, {size}x{size} patches, batch 64, {canvas}x{canvas} canvas", rate, "patches/s",
             note=f"mosaic() {ms:.0f} ms", mosaic_ms=round(ms, 1))
+    # every offset and domain, compiled splat and numpy's, 64² patches with amplitude in batches of 32
+    n = 256 if o.quick else 2560
+    rng = np.random.default_rng(1)
+    phase = rng.standard_normal((32, 64, 64)).astype(np.float32)
+    amp = rng.random((32, 64, 64)).astype(np.float32)
+    pos = (rng.random((n, 2)) - 0.5) * 300 * pixel
+    box = (-200 * pixel, 200 * pixel, -200 * pixel, 200 * pixel)
+    for domain in ("phase", "complex"):
+        for offset in ("mean", "overlap"):
+            rates = {}
+            for compiled in (False, True):
+                st = Stitcher(pixel, (64, 64), offset=offset, domain=domain, extent_m=box)
+                st.compiled = compiled
+                st.add(phase, pos[:32], amp)  # the kernel loaded, the scratch allocated
+                t0 = time.perf_counter()
+                for k in range(0, n, 32):
+                    st.add(phase, pos[k:k + 32], amp)
+                rates[compiled] = n / (time.perf_counter() - t0)
+            row("stitch", f"Stitcher.add, 64x64 patches with amplitude, batch 32, offset {offset}, domain {domain}, "
+                f"compiled splat", rates[True], "patches/s", rates[False], "numpy's splat, same run",
+                note=f"{1e6 / rates[True]:.1f} against {1e6 / rates[False]:.1f} us per patch", offset=offset,
+                domain=domain)
 
 
 # -- plot ------------------------------------------------------------------------------------------

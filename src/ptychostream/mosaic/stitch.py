@@ -40,10 +40,10 @@ over the batch's bounding box is slower; slice-adds need no index arrays, and th
 reads the canvas under each patch as views instead of gathering it (3x faster). :meth:`Stitcher.add_values` splats one
 value per patch (a map of a per-frame figure) at the cost of the weights alone.
 
-Where numba is installed, float32 canvases with the ``mean`` or ``none`` offset (either domain) are
-splatted by a compiled kernel instead (:mod:`ptychostream.mosaic._splat`: one call per chunk, the GIL released,
-the same sums within float32 rounding); ``Stitcher.compiled`` says which serves, and setting it
-False keeps numpy's version.
+Where numba is installed, float32 canvases (every offset, either domain) are splatted by a compiled
+kernel instead (:mod:`ptychostream.mosaic._splat`: one call per chunk, the GIL released, the same
+sums within float32 rounding; ``overlap`` in the same steps of ``overlap_chunk`` patches);
+``Stitcher.compiled`` says which serves, and setting it False keeps numpy's version.
 
 Every change is also recorded as a dirty box per reader (:meth:`Stitcher.take_dirty`), so a
 display-sized view (:mod:`ptychostream.mosaic.display`) is updated where patches landed.
@@ -541,8 +541,7 @@ class Stitcher:
     @property
     def uses_kernel(self) -> bool:
         """Whether patches are splatted by the compiled kernel (see ``compiled``)."""
-        return (self.compiled and self.offset != "overlap" and self.dtype == np.float32
-                and _splat.available())
+        return self.compiled and self.dtype == np.float32 and _splat.available()
 
     def _splat_compiled(self, phase: np.ndarray, amplitude: np.ndarray | None, ay: np.ndarray, ax: np.ndarray,
                         ry: list[int], rx: list[int]) -> None:
@@ -551,13 +550,15 @@ class Stitcher:
             self._pad = np.zeros((4, h + 2, w + 2), np.float32)
             self._pad[1, 1:h + 1, 1:w + 1] = self._win
         f32 = np.float32
+        chunk = max(1, int(self.overlap_chunk)) if self.offset == "overlap" else 0
+        blocks = self._buf("blocks", (chunk, 4, h + 1, w + 1), f32) if chunk else None
         _splat.splat(np.ascontiguousarray(phase, f32),
                      None if amplitude is None else np.ascontiguousarray(amplitude, f32),
-                     self._win, self._pad, self._win_sum, self.offset == "mean",
+                     self._win, self._pad, self._win_sum, self.offset != "none",
                      np.ascontiguousarray(ay, np.float64), np.ascontiguousarray(ax, np.float64),
                      np.asarray(ry, np.int64), np.asarray(rx, np.int64), self.num_phase, self.weight,
                      None if amplitude is None else self.num_amp,
-                     None if amplitude is None else self.weight_amp, self.num_im)
+                     None if amplitude is None else self.weight_amp, self.num_im, chunk, self.overlap_min, blocks)
 
     def _splat_chunk(self, phase: np.ndarray | None, amplitude: np.ndarray | None, values: np.ndarray | None,
                      ay: np.ndarray, ax: np.ndarray, ry: list[int], rx: list[int]) -> None:
