@@ -229,6 +229,44 @@ def test_reference_object_never_shows_the_heldout_region():
     assert reference_object(Product(obj, 2 * px, (0.0, 0.0)), split, pos, px) is None  # another pixel
 
 
+def test_reference_patches_are_zoomed_within_the_range():
+    """--reference-zoom: each patch cut from the reference is resampled by a zoom from the range; below 1 a
+    patch holds more of the sample, so a phase ramp's slope in the labels grows by 1/zoom. A range outside
+    0.25..4 (or reversed) is refused."""
+    from ptychostream.train import TrainConfig, TrainError
+    from ptychostream.train.config import probe_weight
+    from ptychostream.train.instrument import ProbeSource, ReferenceObject, probe_modes
+
+    n, px, slope = SIZE, 1e-8, 0.02  # rad per object pixel, along x
+    yy, xx = np.mgrid[0:200, 0:200]
+    obj = np.exp(1j * slope * (xx + 0.3 * yy)).astype(np.complex64)
+    ref = ReferenceObject(obj, (-40 * px, 40 * px, -40 * px, 40 * px))
+    cfg = TrainConfig(size=n, objects=("blurred_noise",), object_px=96, pool=2, max_phase=(0.1, 0.1), seed=3)
+    yy, xx = np.mgrid[0:n, 0:n] - n // 2
+    pm = probe_modes(np.exp(-(xx**2 + yy**2) / (2 * 5.0**2))[None].astype(np.complex64), n)
+    w = probe_weight(np.sqrt((np.abs(pm) ** 2).sum(0)), n, 16)
+
+    def steepness(zoom: tuple[float, float]) -> np.ndarray:
+        src = ProbeSource(cfg, pm, px, Preprocess(), 16, w, photons=(1e6, 1e6), reference=ref,
+                          reference_share=1.0, reference_zoom=zoom)
+        ph = src.batch(0, 12).phase[:, 0]
+        # wrap-safe neighbour differences; any of the 8 orientations keeps |d/dy| + |d/dx|
+        dy = np.abs(np.angle(np.exp(1j * np.diff(ph, axis=-2)))).mean(axis=(-2, -1))
+        dx = np.abs(np.angle(np.exp(1j * np.diff(ph, axis=-1)))).mean(axis=(-2, -1))
+        return dy + dx
+
+    np.testing.assert_allclose(steepness((1.0, 1.0)), 1.3 * slope, rtol=0.05)  # sub-pixel centres blur a little
+    np.testing.assert_allclose(steepness((0.5, 0.5)), 2 * 1.3 * slope, rtol=0.05)
+    spread = steepness((0.5, 2.0)) / (1.3 * slope)
+    assert spread.min() >= 0.5 * 0.95 and spread.max() <= 2.0 * 1.05 and spread.max() / spread.min() > 1.5
+    assert ProbeSource(cfg, pm, px, Preprocess(), 16, w, photons=(1e6, 1e6), reference=ref,
+                       reference_share=1.0, reference_zoom=(0.5, 2.0)).describe()["reference_zoom"] == [0.5, 2.0]
+    for bad in ((0.1, 1.0), (2.0, 1.0), (1.0, float("nan"))):
+        with pytest.raises(TrainError, match="reference zoom"):
+            ProbeSource(cfg, pm, px, Preprocess(), 16, w, photons=(1e6, 1e6), reference=ref,
+                        reference_share=1.0, reference_zoom=bad)
+
+
 # --------------------------------------------------------------------------- amplitude above 1
 def test_amplitude_above_one_survives_export_and_serving(tmp_path):
     pytest.importorskip("torch")

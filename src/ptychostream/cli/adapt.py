@@ -387,7 +387,8 @@ def run_adapt(args: argparse.Namespace, status: StatusFile | None = None,
         labelled = instrument_source(cfg, frames=frames[split.train], labels=labels, probe=probe, pixel_m=pixel,
                                      pre=pre, out=out, mode=args.mode, mix=args.mix, bad=bad,
                                      reference=reference_object(reference, split, label_pos, pixel),
-                                     reference_share=args.reference_share)
+                                     reference_share=args.reference_share,
+                                     reference_zoom=tuple(args.reference_zoom))
     if cfg.uses_physics():
         source = physics_source(cfg, frames=frames[split.train], positions_m=positions[split.train],
                                 modes=known_probe, pixel_m=pixel, pre=pre, out=out, bad=bad if bad.any() else None,
@@ -548,6 +549,10 @@ def add_adapt_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--reference-share", type=float, default=0.0,
                    help="share of the synthetic patches cut from the reference's object (its training side, any "
                         "of 8 orientations) instead of generated objects (default 0)")
+    g.add_argument("--reference-zoom", type=float, nargs=2, default=(1.0, 1.0), metavar=("LO", "HI"),
+                   help="each patch cut from the reference's object is zoomed by a factor drawn log-uniformly "
+                        "from LO..HI (below 1: more, finer features per patch than the training side shows; "
+                        "default 1 1)")
     g.add_argument("--budget-min", type=float, default=11.0,
                    help="wall time for the whole run, minutes (default 11: about 20 CPU minutes on 2 cores)")
     g.add_argument("--epochs", type=int, help="train this many epochs instead of filling the budget")

@@ -60,6 +60,7 @@ __all__ = [
     "ReferenceObject",
     "heldout_scores",
     "heldout_split",
+    "infer_phases",
     "instrument_source",
     "is_better",
     "label_patches",
@@ -256,7 +257,7 @@ class ProbeSource(SimSource):
     def __init__(self, cfg: TrainConfig, modes: np.ndarray, pixel_m: float, pre: Preprocess, out: int,
                  weight: np.ndarray, photons: tuple[float, float], amp_gain: float = 1.0,
                  bad: np.ndarray | None = None, reference: ReferenceObject | None = None,
-                 reference_share: float = 0.0) -> None:
+                 reference_share: float = 0.0, reference_zoom: tuple[float, float] = (1.0, 1.0)) -> None:
         size = int(modes.shape[-1])
         super().__init__(cfg, modes[0], PatchGrid(size, float(pixel_m)), pre, out, weight)
         self.modes = np.ascontiguousarray(modes, dtype=np.complex64)
@@ -268,13 +269,19 @@ class ProbeSource(SimSource):
         #: random positions of the lit box and in a random one of the 8 orientations of the square
         self.reference = reference
         self.reference_share = float(reference_share) if reference is not None else 0.0
+        #: each reference patch is shrunk or enlarged by a zoom drawn log-uniformly from this range (below 1:
+        #: more of the sample in one patch, finer and denser than the training side shows)
+        lo, hi = (float(v) for v in reference_zoom)
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.25 <= lo <= hi <= 4.0):
+            raise TrainError(f"the reference zoom must be a range within 0.25..4, got {lo:g}..{hi:g}")
+        self.reference_zoom = (lo, hi)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(source="probe-centric", probe_modes=len(self.modes), photons=list(self.photons),
                  amplitude_gain=self.amp_gain, probe=hashlib.sha256(self.modes.tobytes()).hexdigest()[:12],
                  bad_pixels=0 if self.bad is None else int(self.bad.sum()),
-                 reference_share=self.reference_share)
+                 reference_share=self.reference_share, reference_zoom=list(self.reference_zoom))
         return d
 
     def make(self, n: int, stream: int, index: int, cycle: int) -> Batch:
@@ -297,7 +304,7 @@ class ProbeSource(SimSource):
             sel = np.flatnonzero(from_ref)
             y0, y1, x0, x1 = self.reference.box_m
             rp = np.column_stack([rng.uniform(y0, y1, len(sel)), rng.uniform(x0, x1, len(sel))])
-            cut = extract_patches(self.reference.object, rp, g.pixel_m, g.size)
+            cut = self._reference_patches(rp, rng)
             turns = rng.integers(8, size=len(sel))
             for m, (i, t) in enumerate(zip(sel, turns)):
                 q = np.rot90(cut[m], int(t) % 4)
@@ -314,6 +321,23 @@ class ProbeSource(SimSource):
         amp = np.abs(patches) * gain[:, None, None] if "amplitude" in self.cfg.heads else None
         ph, am = targets(np.angle(patches), amp, self.out, self.weight)
         return Batch(np.ascontiguousarray(x, dtype=np.float32), ph, am)
+
+    def _reference_patches(self, centres_m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Patches (n, size, size) of the reference's object about ``centres_m``, each at its own zoom."""
+        assert self.reference is not None
+        g = self.geometry
+        lo, hi = self.reference_zoom
+        if hi / lo < 1.0 + 1e-6 and abs(lo - 1.0) < 1e-6:
+            return extract_patches(self.reference.object, centres_m, g.pixel_m, g.size)
+        zooms = np.exp(rng.uniform(math.log(lo), math.log(hi), size=len(centres_m)))
+        big = int(math.ceil(g.size / min(lo, 1.0))) + 4
+        h, w = self.reference.object.shape
+        # keep the larger window inside the object
+        reach_y = (h // 2 - big // 2 - 2) * g.pixel_m
+        reach_x = (w // 2 - big // 2 - 2) * g.pixel_m
+        pos = np.column_stack([np.clip(centres_m[:, 0], -reach_y, reach_y), np.clip(centres_m[:, 1], -reach_x, reach_x)])
+        wide = extract_patches(self.reference.object, pos, g.pixel_m, big)
+        return np.stack([resample_patches(wide[k:k + 1], g.size, float(z))[0] for k, z in enumerate(zooms)])
 
 
 class MixedSource:
@@ -353,7 +377,8 @@ def instrument_source(cfg: TrainConfig, *, frames: np.ndarray, labels: np.ndarra
                       pixel_m: float, pre: Preprocess, out: int, mode: str = "mixed", mix: float = 0.5,
                       photons: tuple[float, float] | None = None, bad: np.ndarray | None = None,
                       reference: ReferenceObject | None = None,
-                      reference_share: float = 0.5) -> tuple[Any, dict[str, Any]]:
+                      reference_share: float = 0.5, reference_zoom: tuple[float, float] = (1.0, 1.0)
+                      ) -> tuple[Any, dict[str, Any]]:
     """The (data source, facts) of a run on one instrument, for ``train(cfg, source=...)``.
 
     ``frames`` (N, S, S) canonical intensities of the training frames, ``labels`` (N, out, out) complex
@@ -361,7 +386,8 @@ def instrument_source(cfg: TrainConfig, *, frames: np.ndarray, labels: np.ndarra
     fraction of a ``mixed`` batch), ``photons`` the synthetic frames' (lo, hi) counts (default: the
     scan's 10th to 90th percentile of the frame sums), ``bad`` the scan's bad pixels (S, S), zeroed in the
     synthetic frames as they are in the scan's; ``reference`` (:func:`reference_object`): ``reference_share``
-    of the synthetic patches are cut from it instead of the generated objects.
+    of the synthetic patches are cut from it instead of the generated objects, each at a zoom drawn from
+    ``reference_zoom`` (lo, hi).
     """
     if mode not in MODES:
         raise TrainError(f"the training mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -394,7 +420,8 @@ def instrument_source(cfg: TrainConfig, *, frames: np.ndarray, labels: np.ndarra
                             amp_labels if has_amp else None, pre, out, weight,
                             {"source": "scan pairs", "pairs": len(frames)})
     if mode in ("synthetic", "mixed"):
-        synth = ProbeSource(cfg, modes, pixel_m, pre, out, weight, photons, gain, bad, reference, reference_share)
+        synth = ProbeSource(cfg, modes, pixel_m, pre, out, weight, photons, gain, bad, reference, reference_share,
+                            reference_zoom)
     src: Any
     if mode == "mixed":
         assert pairs is not None and synth is not None
@@ -409,7 +436,9 @@ def instrument_source(cfg: TrainConfig, *, frames: np.ndarray, labels: np.ndarra
 
 
 # --------------------------------------------------------------------------- held-out scores
-def _infer(path: str | Path, frames: np.ndarray, threads: int) -> tuple[np.ndarray, Any]:
+def infer_phases(path: str | Path, frames: np.ndarray, threads: int) -> tuple[np.ndarray, Any]:
+    """The phase patches a model file infers from canonical ``frames`` (ONNX Runtime on the CPU, in
+    batches of 64), and its ModelInfo; TrainError when the model cannot take frames of this size."""
     from ptychostream.model.infer import open_model
 
     with open_model(path, backend="ONNXRuntime-CPU", threads=threads) as m:
@@ -447,7 +476,7 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
     result: dict[str, Any] = {}
     for name, path in models.items():
         try:
-            patches[name], info = _infer(path, frames, threads)
+            patches[name], info = infer_phases(path, frames, threads)
             domains[name] = domain or info.stitch_domain
             result[name] = {"scores": None, "error": None, "model": str(path), "domain": domains[name]}
         except Exception as exc:  # a model that cannot serve these frames scores nothing
