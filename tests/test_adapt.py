@@ -360,7 +360,10 @@ def test_adapt_offline_writes_the_report_and_decides(scan_files, tmp_path):
     assert rc == 0
     st = json.loads(status.read_text())
     assert st["ok"] and st["result"]["better"] is False and "not better" in st["message"]
-    assert st["result"]["training"]["data"]["source"] == "mixed"
+    data = st["result"]["training"]["data"]
+    assert data["source"] == "mixed" and data["synthetic_fraction"] == 0.5
+    # by default half the synthetic patches come from the reference (here at the scan's pixel)
+    assert data["synthetic"]["reference_share"] == 0.5 and data["synthetic"]["reference_zoom"] == [1.0, 1.0]
     # a bad input: the status says so, exit 2
     rc = run_cli(str(tmp_path / "missing.npz"), "--out", str(out), "--status-file", str(status), "--threads", "1", "-q")
     assert rc == 2

@@ -544,11 +544,12 @@ def add_adapt_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--frames-share", type=float, default=0.5,
                    help="share of each batch from the scan's unlabelled frames when the physics loss is mixed in "
                         "(default 0.5)")
-    g.add_argument("--mix", type=float, default=0.3,
-                   help="synthetic fraction of each batch in mixed mode (default 0.3)")
-    g.add_argument("--reference-share", type=float, default=0.0,
+    g.add_argument("--mix", type=float, default=0.6,
+                   help="synthetic fraction of each batch in mixed mode (default 0.6)")
+    g.add_argument("--reference-share", type=float, default=0.5,
                    help="share of the synthetic patches cut from the reference's object (its training side, any "
-                        "of 8 orientations) instead of generated objects (default 0)")
+                        "of 8 orientations) instead of generated objects (default 0.5; none where the reference is at "
+                        "another pixel than the scan)")
     g.add_argument("--reference-zoom", type=float, nargs=2, default=(1.0, 1.0), metavar=("LO", "HI"),
                    help="each patch cut from the reference's object is zoomed by a factor drawn log-uniformly "
                         "from LO..HI (below 1: more, finer features per patch than the training side shows; "
