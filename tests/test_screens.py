@@ -349,5 +349,49 @@ def test_pydm_wrong_prefix_shows_disconnected(live, tmp_path):
     assert len(widgets) > 50
     connected = sorted(n for n, w in widgets.items() if w["connected"])
     assert not connected, f"widgets connected to a wrong prefix: {connected}"
+    assert report["connections_resent"] == []  # nothing connected, nothing re-sent
     assert widgets["Phase"]["image_shape"] in ([], [0])  # no image arrived
     assert (tmp_path / "wrong.png").stat().st_size > 0
+
+
+_MISSED = """
+import json, os, sys, time
+from qtpy.QtWidgets import QApplication
+app = QApplication(["missed"])
+from pydm import data_plugins
+from pydm.widgets import PyDMLabel
+from ptychostream.screens._generate import resend_missed_connections
+pv = sys.argv[1]
+w = PyDMLabel(init_channel="ca://" + pv)
+def spin(cond, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not cond():
+        app.processEvents()
+        time.sleep(0.01)
+    return bool(cond())
+first = spin(lambda: w._connected, 30)
+conn = next(c for p in data_plugins.plugin_modules.values() for c in getattr(p, "connections", {}).values()
+            if getattr(getattr(c, "pv", None), "pvname", None) == pv)
+conn.send_connection_state(conn=False)  # the plugin's thread pool reporting "not connected" last
+lost = spin(lambda: not w._connected, 5)
+sent = resend_missed_connections()
+back = spin(lambda: w._connected, 5)
+again = resend_missed_connections()
+print(json.dumps({"first": first, "lost": lost, "sent": sent, "back": back, "again": again}))
+"""
+
+
+def test_a_connection_pydm_missed_is_resent(live, tmp_path):
+    """PyDM's pyepics plugin can tell a widget "not connected" after its PV connected (its thread pool
+    races the CA thread; seen once in CI). The grab re-sends the connection where the PV is connected,
+    and only there: on a real IOC, a widget put in that state is connected again, once."""
+    ctx, R, slot = live
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", EPICS_CA_ADDR_LIST=f"127.0.0.1:{slot.ca}")
+    env.setdefault("XDG_RUNTIME_DIR", str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _MISSED, R + "Processed_RBV"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["first"] and got["lost"], got  # connected, then told otherwise
+    assert got["sent"] == [R + "Processed_RBV"], got  # that one, by its PV name
+    assert got["back"] and got["again"] == [], got

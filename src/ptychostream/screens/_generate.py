@@ -588,6 +588,34 @@ def _widget_state(w: Any) -> dict[str, Any]:
     return state
 
 
+def resend_missed_connections() -> list[str]:
+    """Re-send the connection of every PyDM pyepics channel whose PV is connected but whose widgets
+    were told it is not; the addresses re-sent.
+
+    PyDM 1.29's pyepics plugin sets its listeners up on a thread pool: that thread reads "not
+    connected", the CA thread then connects and signals True, and the pool thread's False arrives
+    after it. The widget then shows a disconnected PV for good, with no later event to mend it (seen
+    once in CI: one of ~150 widgets, 90 s). The IOC served the PV; this corrects the display.
+    """
+    from pydm import data_plugins
+
+    try:
+        import epics  # type: ignore[import-untyped]
+    except ImportError:  # no pyepics plugin in use
+        return []
+    sent = []
+    for plugin in list(data_plugins.plugin_modules.values()):
+        for address, conn in list(getattr(plugin, "connections", {}).items()):
+            pv = getattr(conn, "pv", None)
+            chid = getattr(pv, "chid", None)
+            if chid is None or getattr(conn, "connected", None) or not hasattr(conn, "send_connection_state"):
+                continue
+            if epics.ca.isConnected(chid):
+                conn.send_connection_state(conn=True)
+                sent.append(str(address))
+    return sent
+
+
 def grab(ui: str | Path, macros: dict[str, str], png: str | Path | None = None, seconds: float = 5.0,
          interval: float = 0.25, size: tuple[int, int] = (1700, 1000),
          until: Callable[[dict[str, Any]], bool] | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
@@ -595,8 +623,9 @@ def grab(ui: str | Path, macros: dict[str, str], png: str | Path | None = None, 
 
     With ``until``, stop early once ``until(states)`` holds and ``min_seconds`` have passed.
 
-    Returns ``{"widgets": {name: last state}, "samples": {name: [texts over time]}, ...}``; a
-    widget's state has ``connected``, its ``channels`` and ``text`` or ``image_shape``. EPICS
+    Returns ``{"widgets": {name: last state}, "samples": {name: [texts over time]},
+    "connections_resent": [...], ...}``; a widget's state has ``connected``, its ``channels`` and
+    ``text`` or ``image_shape``; see :func:`resend_missed_connections` for the last. EPICS
     clients take their addresses from the environment (EPICS_PVA_*, EPICS_CA_*), as PyDM does.
     """
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -613,11 +642,13 @@ def grab(ui: str | Path, macros: dict[str, str], png: str | Path | None = None, 
     samples: dict[str, list[Any]] = {name: [] for name in widgets}
     t0 = time.monotonic()
     states: dict[str, dict[str, Any]] = {}
+    resent: list[str] = []
     while True:
         end = time.monotonic() + interval
         while time.monotonic() < end:
             app.processEvents()
             time.sleep(0.01)
+        resent += resend_missed_connections()
         states = {name: _widget_state(w) for name, w in widgets.items()}
         for name, st in states.items():
             samples[name].append(st.get("text", st.get("image_shape")))
@@ -632,7 +663,7 @@ def grab(ui: str | Path, macros: dict[str, str], png: str | Path | None = None, 
         if not display.grab().save(str(png)):
             raise OSError(f"could not write {png}")
     report = {"widgets": states, "samples": samples, "elapsed": time.monotonic() - t0,
-              "macros": dict(macros), "ui": str(ui)}
+              "macros": dict(macros), "ui": str(ui), "connections_resent": sorted(set(resent))}
     display.close()
     display.deleteLater()
     app.processEvents()
