@@ -374,10 +374,13 @@ conn = next(c for p in data_plugins.plugin_modules.values() for c in getattr(p, 
             if getattr(getattr(c, "pv", None), "pvname", None) == pv)
 conn.send_connection_state(conn=False)  # the plugin's thread pool reporting "not connected" last
 lost = spin(lambda: not w._connected, 5)
-sent = resend_missed_connections()
+seen = set()
+first_look = resend_missed_connections(seen)  # as grab calls it: found, not re-sent yet
+sent = resend_missed_connections(seen)
 back = spin(lambda: w._connected, 5)
 again = resend_missed_connections()
-print(json.dumps({"first": first, "lost": lost, "sent": sent, "back": back, "again": again}))
+print(json.dumps({"first": first, "lost": lost, "first_look": first_look, "seen": sorted(seen), "sent": sent,
+                  "back": back, "again": again}))
 """
 
 
@@ -393,5 +396,6 @@ def test_a_connection_pydm_missed_is_resent(live, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["first"] and got["lost"], got  # connected, then told otherwise
-    assert got["sent"] == [R + "Processed_RBV"], got  # that one, by its PV name
+    assert got["first_look"] == [] and got["sent"] == [R + "Processed_RBV"], got  # at the second look
+    assert got["seen"] == [], got  # re-sent, so no longer waiting
     assert got["back"] and got["again"] == [], got

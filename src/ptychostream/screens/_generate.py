@@ -588,9 +588,10 @@ def _widget_state(w: Any) -> dict[str, Any]:
     return state
 
 
-def resend_missed_connections() -> list[str]:
+def resend_missed_connections(seen: set[str] | None = None) -> list[str]:
     """Re-send the connection of every PyDM pyepics channel whose PV is connected but whose widgets
-    were told it is not; the addresses re-sent.
+    were told it is not; the addresses re-sent. With ``seen``, only those found so at the call before
+    too (``seen`` is updated): a PV that connected a moment ago may still have its event on the way.
 
     PyDM 1.29's pyepics plugin sets its listeners up on a thread pool: that thread reads "not
     connected", the CA thread then connects and signals True, and the pool thread's False arrives
@@ -603,7 +604,7 @@ def resend_missed_connections() -> list[str]:
         import epics  # type: ignore[import-untyped]
     except ImportError:  # no pyepics plugin in use
         return []
-    sent = []
+    sent, missed = [], set()
     for plugin in list(data_plugins.plugin_modules.values()):
         for address, conn in list(getattr(plugin, "connections", {}).items()):
             pv = getattr(conn, "pv", None)
@@ -611,8 +612,13 @@ def resend_missed_connections() -> list[str]:
             if chid is None or getattr(conn, "connected", None) or not hasattr(conn, "send_connection_state"):
                 continue
             if epics.ca.isConnected(chid):
-                conn.send_connection_state(conn=True)
-                sent.append(str(address))
+                missed.add(str(address))
+                if seen is None or str(address) in seen:
+                    conn.send_connection_state(conn=True)
+                    sent.append(str(address))
+    if seen is not None:
+        seen.clear()
+        seen.update(missed.difference(sent))
     return sent
 
 
@@ -643,12 +649,13 @@ def grab(ui: str | Path, macros: dict[str, str], png: str | Path | None = None, 
     t0 = time.monotonic()
     states: dict[str, dict[str, Any]] = {}
     resent: list[str] = []
+    missed: set[str] = set()
     while True:
         end = time.monotonic() + interval
         while time.monotonic() < end:
             app.processEvents()
             time.sleep(0.01)
-        resent += resend_missed_connections()
+        resent += resend_missed_connections(missed)
         states = {name: _widget_state(w) for name, w in widgets.items()}
         for name, st in states.items():
             samples[name].append(st.get("text", st.get("image_shape")))
