@@ -58,11 +58,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from ptychostream.files.product import read_product
     from ptychostream.files.scan import read_scan
-    from ptychostream.mosaic.stitch import Stitcher
     from ptychostream.quality.reference import score_against_product
     from ptychostream.sim.forward import extract_patches, far_field
     from ptychostream.train.data import crop_centre
-    from ptychostream.train.instrument import bad_pixels, clean_frames, heldout_split, infer_phases, probe_modes
+    from ptychostream.train.instrument import (
+        bad_pixels,
+        clean_frames,
+        heldout_split,
+        infer_phases,
+        probe_modes,
+        stitch_phases,
+    )
 
     models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in args.models)
     scan = read_scan(args.data / "foreign.cxi")
@@ -79,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         half = phase.shape[-1] / 2 * pixel
         p = pos[sel]
         extent = (p[:, 0].min() - half, p[:, 0].max() + half, p[:, 1].min() - half, p[:, 1].max() + half)
-        st = Stitcher(pixel, phase.shape[1:], extent_m=extent, offset=offset)
-        for s in range(0, len(phase), 32):
-            st.add(np.ascontiguousarray(phase[s:s + 32], dtype=np.float32), p[s:s + 32])
-        mos = st.mosaic()
+        mos = stitch_phases(np.ascontiguousarray(phase, dtype=np.float32), p, pixel, extent, offset)
         sc = score_against_product(mos, truth, region=split.region_box(pad_m=half), mask=mos.mask).as_dict(curves=False)
         return round(float(sc["ssim"]), 3), round(float(sc["bandpass_corr"]), 3)
 

@@ -66,6 +66,7 @@ __all__ = [
     "label_patches",
     "probe_modes",
     "reference_object",
+    "stitch_phases",
 ]
 
 #: where the held-out region lies: (axis of the positions, +1 the high end / -1 the low end); y grows down
@@ -449,6 +450,18 @@ def infer_phases(path: str | Path, frames: np.ndarray, threads: int) -> tuple[np
         return np.concatenate(phases), m.info
 
 
+def stitch_phases(phase: np.ndarray, positions_m: np.ndarray, pixel_m: float,
+                  extent_m: tuple[float, float, float, float], offset: str, domain: str = "phase") -> Any:
+    """The mosaic (:class:`~ptychostream.mosaic.stitch.Mosaic`) of phase patches (n, m, m) at
+    ``positions_m`` on a canvas of ``extent_m``, stitched as the device does, in batches of 32."""
+    from ptychostream.mosaic.stitch import Stitcher
+
+    st = Stitcher(pixel_m, phase.shape[1:], extent_m=extent_m, offset=offset, domain=domain)
+    for s in range(0, len(phase), 32):
+        st.add(phase[s:s + 32], positions_m[s:s + 32])
+    return st.mosaic()
+
+
 def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positions_m: np.ndarray,
                    reference: Product, split: HeldOut, pixel_m: float, offset: str = "mean",
                    threads: int = 2, truth: Product | None = None, domain: str | None = None) -> dict[str, Any]:
@@ -465,7 +478,6 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
     ``domain``: the mosaic domain of every model; None: each model's own stitch hint (as the device
     applies it on a swap; "phase" where the hint names none), recorded as each entry's ``"domain"``.
     """
-    from ptychostream.mosaic.stitch import Stitcher
     from ptychostream.quality.grid import place_truth
     from ptychostream.quality.metrics import ScoreError
     from ptychostream.quality.reference import score_against_product
@@ -485,12 +497,7 @@ def heldout_scores(models: Mapping[str, str | Path], frames: np.ndarray, positio
         return result
     half = max(p.shape[-1] for p in patches.values()) / 2 * pixel_m
     extent = (pos[:, 0].min() - half, pos[:, 0].max() + half, pos[:, 1].min() - half, pos[:, 1].max() + half)
-    mosaics = {}
-    for name, ph in patches.items():
-        st = Stitcher(pixel_m, ph.shape[1:], extent_m=extent, offset=offset, domain=domains[name])
-        for s in range(0, len(ph), 32):
-            st.add(ph[s:s + 32], pos[s:s + 32])
-        mosaics[name] = st.mosaic()
+    mosaics = {name: stitch_phases(ph, pos, pixel_m, extent, offset, domains[name]) for name, ph in patches.items()}
     first = next(iter(mosaics.values()))
     common = np.logical_and.reduce([m.mask for m in mosaics.values()])
     region = split.region_box(pad_m=half)
